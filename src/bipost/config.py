@@ -1,0 +1,214 @@
+"""Typed run configuration: dataclasses whose attribute docstrings are the documentation.
+
+Loaded from YAML, then ``a.b=c`` overrides (``objectives.0.weight=0.3``), then validated.
+``bipost train --help`` prints every field with its docstring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class DataConfig:
+    """Where one objective's rows come from and how they become token-space examples."""
+
+    path: str = ""
+    """A local file (.jsonl/.json/.parquet/.csv), a folder of such files, or a Hugging Face dataset name."""
+    split: str = "train"
+    """Split to train on. For a folder, files whose name starts with the split name form that split."""
+    eval_split: Optional[str] = None
+    """Split to evaluate on (e.g. ``test``). When unset, ``eval_fraction`` of the rows are held out."""
+    eval_fraction: float = 0.0
+    """Fraction of the (capped) training rows held out for evaluation when there is no eval split; never overlaps training."""
+    max_samples: Optional[int] = None
+    """Read at most this many rows of the split (the first ones, in file order)."""
+    max_eval_samples: Optional[int] = None
+    """Evaluate on at most this many held-out rows."""
+    format: str = "auto"
+    """Row format: auto | input_output | prompt_completion | messages | preference. ``auto`` looks at the first row's keys."""
+    input_key: str = "input"
+    """Prompt column of the ``input_output`` format."""
+    output_key: str = "output"
+    """Response column of the ``input_output`` format."""
+    input_template: str = "User: {}\nAssistant: "
+    """Template the ``input_output`` prompt is rendered with (``{}`` is the input)."""
+    prompt_key: str = "prompt"
+    """Prompt column (``prompt_completion`` and ``preference`` formats); a preference row without it has an implicit prompt (the dialogues' common prefix)."""
+    completion_key: str = "completion"
+    """Completion column of the ``prompt_completion`` format."""
+    messages_key: str = "messages"
+    """Conversation column of the ``messages`` format (rendered with the tokenizer's chat template)."""
+    chosen_key: str = "chosen"
+    """Preferred response (string or conversation) of the ``preference`` format."""
+    rejected_key: str = "rejected"
+    """Dispreferred response of the ``preference`` format."""
+    max_len: int = 512
+    """Longest sequence in tokens (prompt + response + EOS). Responses are truncated to fit, the prompt is kept; a row with no room left for a response is skipped."""
+    seed: int = 0
+    """Seed of the held-out eval split."""
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft). ``rank: 0`` means full fine-tuning."""
+
+    rank: int = 0
+    """LoRA rank r; 0 trains all weights instead."""
+    alpha: float = 16.0
+    """LoRA scaling alpha (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt (e.g. q_proj v_proj), or ``all-linear``."""
+    save_merged: bool = False
+    """Also save the final model with the adapter merged into the base weights."""
+
+
+@dataclass
+class ModelConfig:
+    """The policy being trained."""
+
+    path: str = ""
+    """Hugging Face model name or local directory (any AutoModelForCausalLM)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer name or path; defaults to ``path``."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bf16 on a GPU that supports it, else fp32) | float32 | bfloat16 | float16."""
+    attn_implementation: str = "auto"
+    """auto (flash_attention_2 if installed on GPU, else sdpa) | sdpa | eager | flash_attention_2."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA settings."""
+
+
+@dataclass
+class ObjectiveConfig:
+    """One training objective with its own data, batch sizes and, where needed, reference or teacher."""
+
+    kind: str = "sft"
+    """sft | dpo | kd."""
+    name: Optional[str] = None
+    """Name used in logs and plots; defaults to ``kind`` (``kind_2`` when repeated)."""
+    weight: float = 1.0
+    """lambda_i: mixing weight (mix), draw probability (alright), gap weight (maxright), step share (sequential). Normalized to sum 1."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """This objective's dataset."""
+    batch_size: Optional[int] = None
+    """Examples (pairs for DPO) per optimizer step, over all ranks; defaults to ``train.batch_size``."""
+    micro_batch_size: Optional[int] = None
+    """Examples per forward on one rank; defaults to ``train.micro_batch_size``."""
+    beta: float = 0.1
+    """DPO: inverse temperature of the implicit reward."""
+    loss_type: str = "sigmoid"
+    """DPO: sigmoid (DPO) | ipo."""
+    label_smoothing: float = 0.0
+    """DPO: conservative DPO label smoothing epsilon in [0, 0.5)."""
+    nll_coef: float = 0.0
+    """DPO: coefficient of an extra NLL term on the chosen response (token mean per pair)."""
+    reference: Optional[str] = None
+    """DPO: reference model path. Unset: the policy's initial weights (with LoRA: the adapter disabled, no second copy)."""
+    teacher: Optional[str] = None
+    """KD: teacher model path (must share the policy's tokenizer)."""
+    kd_loss: str = "forward"
+    """KD: forward (teacher soft-label cross-entropy) | reverse (reverse KL) | jsd."""
+    temperature: float = 1.0
+    """KD: softmax temperature (the loss is scaled by T^2)."""
+    jsd_beta: float = 0.5
+    """KD: interpolation weight of the generalized JSD."""
+    optimum: Optional[float] = None
+    """f_i^*: the objective's optimal value, if known (maxright gaps, distance to ideal point)."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Which objective(s) run at each optimizer step."""
+
+    name: str = "single"
+    """single | sequential | mix | alright | maxright."""
+    seed: int = 0
+    """Seed of the schedule's own generator (alright draws); checkpointed."""
+    max_eval_steps: int = 10
+    """maxright: re-evaluate every objective without gradients every this many steps."""
+    per_micro_step: bool = False
+    """alright: draw the objective per micro-batch instead of per optimizer step."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 1e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    scheduler: str = "constant"
+    """constant | linear | cosine (after warmup)."""
+    warmup_steps: int = 0
+    """Linear warmup steps (overrides warmup_ratio when > 0)."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the step budget."""
+    min_lr_ratio: float = 0.0
+    """cosine/linear: final LR as a fraction of the peak."""
+
+
+@dataclass
+class TrainConfig:
+    """Step budget, batch sizes, logging, evaluation and checkpoints."""
+
+    output_dir: str = "runs/bipost"
+    """Run directory: resolved config, metrics.jsonl, checkpoints/, final/."""
+    max_steps: Optional[int] = None
+    """Optimizer steps. When unset: epochs x the steps one pass of the largest objective takes."""
+    epochs: float = 1.0
+    """Passes over the largest objective's data (used when max_steps is unset)."""
+    batch_size: int = 8
+    """Default examples per optimizer step for every objective (global, all ranks)."""
+    micro_batch_size: int = 2
+    """Default examples per forward per rank."""
+    seed: int = 42
+    """Seed for model init randomness, dropout and data order."""
+    eval_steps: int = 0
+    """Evaluate every objective's held-out loss every this many steps (0: only at the end if eval data exist)."""
+    eval_batch_size: Optional[int] = None
+    """Micro-batch size for evaluation; defaults to the objective's micro_batch_size."""
+    save_steps: int = 0
+    """Checkpoint every this many steps (0: only the final model)."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints."""
+    resume: bool = False
+    """Resume from the latest complete checkpoint in output_dir."""
+    logging_steps: int = 1
+    """Print / log metrics every this many steps."""
+    report_to: list[str] = field(default_factory=list)
+    """Extra metric sinks: tensorboard, wandb (metrics.jsonl is always written)."""
+    wandb_project: str = "bipost"
+    """wandb project name."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class RunConfig:
+    """A bipost training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy."""
+    objectives: list[ObjectiveConfig] = field(default_factory=list)
+    """One or more objectives."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """How objectives share the optimizer steps."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop settings."""

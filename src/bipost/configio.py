@@ -1,0 +1,250 @@
+"""YAML + ``a.b=c`` overrides -> typed, validated ``RunConfig``; and field help from docstrings."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bipost import config as C
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which field and why."""
+
+
+# ---------------------------------------------------------------- building from dicts
+
+def _type_hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls, vars(C))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        (item,) = args
+        if isinstance(value, str):  # from an override: "a,b" or "[a, b]"
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = parsed
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            num = float(value) if isinstance(value, str) else value
+            if tp is int:
+                if float(num) != int(float(num)):
+                    raise ValueError
+                return int(float(num))
+            return float(num)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass ``cls`` from a nested dict; unknown keys are errors (typos never pass silently)."""
+    hints = _type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(
+            f"unknown field(s) {sorted(unknown)} in {where or cls.__name__}; valid: {sorted(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------- overrides
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply ``a.b.c=value`` (list items by index: ``objectives.1.weight=0.3``) to a plain dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form key.sub=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            idx = _index(part, node, key)
+            node = node[idx]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if parts[i + 1].isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(node, list):
+        idx = int(last) if last.isdigit() else None
+        if idx is None:
+            raise ConfigError(f"override {assignment!r}: {last!r} is not a list index")
+        while len(node) <= idx:
+            node.append({})
+        node[idx] = value
+    else:
+        node[last] = value
+
+
+def _index(part: str, node: list, key: str) -> int:
+    if not part.isdigit():
+        raise ConfigError(f"override {key!r}: {part!r} must be a list index")
+    idx = int(part)
+    while len(node) <= idx:  # allow adding objectives from the command line
+        node.append({})
+    return idx
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> C.RunConfig:
+    """Read YAML (optional), apply overrides, build and validate a ``RunConfig``."""
+    tree: dict = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for ov in overrides:
+        apply_override(tree, ov)
+    cfg = from_dict(C.RunConfig, tree)
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- validation
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: C.RunConfig) -> None:
+    """Fill derived defaults (names, batch sizes) and reject configs that cannot run."""
+    _check(bool(cfg.model.path), "model.path is required (a hub name or a local directory)")
+    _check(len(cfg.objectives) >= 1, "objectives: give at least one objective")
+    seen: dict[str, int] = {}
+    for i, obj in enumerate(cfg.objectives):
+        w = f"objectives.{i}"
+        _check(obj.kind in ("sft", "dpo", "kd"), f"{w}.kind must be sft, dpo or kd, not {obj.kind!r}")
+        if obj.name is None:
+            seen[obj.kind] = seen.get(obj.kind, 0) + 1
+            obj.name = obj.kind if seen[obj.kind] == 1 else f"{obj.kind}_{seen[obj.kind]}"
+        _check(bool(obj.data.path), f"{w}.data.path is required")
+        _check(obj.weight >= 0, f"{w}.weight must be >= 0")
+        obj.batch_size = obj.batch_size or cfg.train.batch_size
+        obj.micro_batch_size = obj.micro_batch_size or min(cfg.train.micro_batch_size, obj.batch_size)
+        _check(obj.batch_size % obj.micro_batch_size == 0,
+               f"{w}: batch_size {obj.batch_size} must be a multiple of micro_batch_size {obj.micro_batch_size}")
+        _check(obj.data.max_len >= 4, f"{w}.data.max_len must be >= 4")
+        _check(0.0 <= obj.data.eval_fraction < 1.0, f"{w}.data.eval_fraction must be in [0, 1)")
+        if obj.kind == "dpo":
+            _check(obj.beta > 0, f"{w}.beta must be > 0")
+            _check(obj.loss_type in ("sigmoid", "ipo"), f"{w}.loss_type must be sigmoid or ipo")
+            _check(0 <= obj.label_smoothing < 0.5, f"{w}.label_smoothing must be in [0, 0.5)")
+        if obj.kind == "kd":
+            _check(bool(obj.teacher), f"{w}.teacher is required for kd (a model sharing the policy's tokenizer)")
+            _check(obj.kd_loss in ("forward", "reverse", "jsd"), f"{w}.kd_loss must be forward, reverse or jsd")
+            _check(obj.temperature > 0, f"{w}.temperature must be > 0")
+            _check(0 < obj.jsd_beta < 1, f"{w}.jsd_beta must be in (0, 1)")
+    names = [o.name for o in cfg.objectives]
+    _check(len(set(names)) == len(names), f"objective names must be unique, got {names}")
+    total = sum(o.weight for o in cfg.objectives)
+    _check(total > 0, "objective weights sum to 0")
+    for o in cfg.objectives:
+        o.weight = o.weight / total
+    s = cfg.schedule
+    from bipost.schedules import SCHEDULES  # late import: schedules import config
+
+    _check(s.name in SCHEDULES, f"schedule.name must be one of {sorted(SCHEDULES)}, not {s.name!r}")
+    if s.name == "single":
+        _check(len(cfg.objectives) == 1,
+               f"schedule 'single' trains one objective; {len(cfg.objectives)} given "
+               f"(pick sequential, mix, alright or maxright)")
+    _check(s.max_eval_steps >= 1, "schedule.max_eval_steps must be >= 1")
+    o = cfg.optim
+    _check(o.lr > 0, "optim.lr must be > 0")
+    _check(o.scheduler in ("constant", "linear", "cosine"), "optim.scheduler must be constant, linear or cosine")
+    _check(len(o.betas) == 2, "optim.betas takes two numbers")
+    t = cfg.train
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1")
+    _check(t.keep_last >= 1, "train.keep_last must be >= 1")
+    for sink in t.report_to:
+        _check(sink in ("tensorboard", "wandb"), f"train.report_to: unknown sink {sink!r} (tensorboard, wandb)")
+    _check(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype: auto|float32|bfloat16|float16")
+
+
+# ---------------------------------------------------------------- help from attribute docstrings
+
+@lru_cache(maxsize=None)
+def field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings (the string literal under each field) of a dataclass."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def describe(cls=C.RunConfig, prefix: str = "") -> list[str]:
+    """One line per leaf field: ``dotted.name (type, default): docstring``."""
+    lines = []
+    hints = _type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{key}: {docs.get(f.name, '')}")
+            lines += describe(tp, key + ".")
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            lines.append(f"{key}: {docs.get(f.name, '')} (a list; items:)")
+            lines += describe(typing.get_args(tp)[0], key + ".N.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+            lines.append(f"  {key} ({tname}, default {default!r}): {docs.get(f.name, '')}")
+    return lines

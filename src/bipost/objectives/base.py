@@ -1,0 +1,36 @@
+"""What every objective returns, and the one reduction contract.
+
+Reduction contract (read this before writing an objective):
+
+* An objective returns, for each example ``i`` of a micro-batch, ``losses[i]`` — the **sum**
+  of its loss over the example's *units* — and ``units[i]`` — how many units that is.
+  SFT and KD count response tokens (the positions that predict a response token);
+  DPO counts one unit per preference pair.
+* The loss of an objective at one optimizer step is
+  ``sum(losses over every example of the step, on every rank) / sum(units ...)``:
+  a token mean for SFT/KD and a pair mean for DPO, over the *global* batch.
+* The training loop therefore counts the step's units before the first backward
+  (all-reduced across ranks) and back-propagates ``weight * losses.sum() / global_units *
+  world_size`` per micro-batch (``world_size`` undoes the gradient averaging of DDP/FSDP).
+  So micro-batch 2 x accumulation 4 and micro-batch 8 x accumulation 1 (or 2 ranks x 4)
+  give the same update, up to float rounding.
+* ``losses / units`` is the per-example mean (e.g. the sequence-mean NLL the selector uses).
+* ``metrics`` are detached per-example tensors ``[B]``; the loop averages them over all
+  examples of the step on all ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ObjectiveOutput:
+    losses: torch.Tensor
+    """Per-example loss summed over the example's units, shape ``[B]``, differentiable."""
+    units: torch.Tensor
+    """Per-example unit count (tokens for SFT/KD, 1 for DPO), shape ``[B]``, float, no grad."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Detached per-example metrics, each of shape ``[B]``."""
