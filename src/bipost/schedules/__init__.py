@@ -1,0 +1,17 @@
+"""Objective schedules: plug-in strategies, one small class each, selected by ``schedule.name``."""
+
+from bipost.schedules.alright import Alright
+from bipost.schedules.base import Probe, Schedule, StepPlan
+from bipost.schedules.maxright import Maxright
+from bipost.schedules.simple import Mix, Sequential, Single
+
+SCHEDULES: dict[str, type[Schedule]] = {
+    cls.name: cls for cls in (Single, Sequential, Mix, Alright, Maxright)
+}
+
+
+def make_schedule(objectives, cfg, max_steps: int) -> Schedule:
+    return SCHEDULES[cfg.name](objectives, cfg, max_steps)
+
+
+__all__ = ["SCHEDULES", "Probe", "Schedule", "StepPlan", "make_schedule"]

@@ -1,0 +1,282 @@
+"""The one training loop. Per optimizer step:
+
+1. the schedule plans which objective(s) run and with what weights;
+2. the step's micro-batches are drawn from those objectives' streams and their loss units
+   counted over all ranks (the reduction contract in ``bipost.objectives.base``);
+3. forward/backward per micro-batch, gradient sync only on the last one;
+4. clip, optimizer step, LR step; the global pre-update losses go back to the schedule.
+
+Schedules, objectives and data plug in here without changing this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from bipost.config import RunConfig
+from bipost.data import eval_batches
+from bipost.schedules import make_schedule
+from bipost.train import checkpoint as ckpt
+from bipost.train.engine import Engine
+from bipost.train.metrics import MetricsWriter
+from bipost.train.setup import (
+    ObjectiveRun,
+    build_objectives,
+    build_optimizer,
+    build_policy_and_tokenizer,
+    step_budget,
+)
+
+log = logging.getLogger("bipost")
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    steps: int
+    final_dir: Path
+    train_losses: list[dict] = field(default_factory=list)
+    """Per step: {"step", "ran": [...], name: global loss, ...}."""
+    eval_history: list[dict] = field(default_factory=list)
+    """Per evaluation: {"step", name: held-out loss, ...}."""
+    wall_time: float = 0.0
+    tokens: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, engine: Engine | None = None):
+        self.cfg = cfg
+        self.engine = engine or Engine()
+        self.out = Path(cfg.train.output_dir)
+        self._prepare_output_dir()
+        from transformers import set_seed
+
+        set_seed(cfg.train.seed)
+        self.tokenizer, policy = build_policy_and_tokenizer(cfg)
+        self.runs: dict[str, ObjectiveRun] = build_objectives(cfg, self.tokenizer, policy, self.engine)
+        self.max_steps = step_budget(cfg, self.runs)
+        optimizer, self.scheduler = build_optimizer(cfg.optim, policy, self.max_steps)
+        # The LR scheduler is stepped by us, once per optimizer step (accelerate's wrapper would
+        # step it once per rank).
+        self.model, self.optimizer = self.engine.prepare(policy, optimizer)
+        self.schedule = make_schedule(cfg.objectives, cfg.schedule, self.max_steps)
+        self.step = 0
+        self.tokens = 0
+        self.elapsed = 0.0
+        if cfg.train.resume:
+            self._resume()
+        self.metrics = MetricsWriter(self.out, cfg.train.report_to, dataclasses.asdict(cfg),
+                                     enabled=self.engine.is_main, wandb_project=cfg.train.wandb_project)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _prepare_output_dir(self) -> None:
+        t = self.cfg.train
+        if self.engine.is_main:
+            existing = ckpt.list_complete(self.out)
+            if existing and not t.resume:
+                raise FileExistsError(
+                    f"{self.out} already holds checkpoints ({existing[-1].name}); pass train.resume=true "
+                    f"to continue that run, or choose another train.output_dir"
+                )
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not t.resume and (self.out / "metrics.jsonl").exists():
+                (self.out / "metrics.jsonl").unlink()
+            (self.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
+        self.engine.barrier()
+
+    def _resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.out)
+        if path is None:
+            self.engine.print(f"[resume] no complete checkpoint in {self.out}; starting from scratch")
+            return
+        state = ckpt.load_checkpoint(path, self.engine, self.model, self.optimizer, self.scheduler)
+        self.step = state["step"]
+        self.tokens = state.get("tokens", 0)
+        self.elapsed = state.get("elapsed", 0.0)
+        for name, s in state["streams"].items():
+            self.runs[name].stream.load_state_dict(s)
+        self.schedule.load_state_dict(state["schedule"])
+        self.engine.print(f"[resume] from {path} (step {self.step})")
+
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed": self.elapsed,
+            "streams": {n: r.stream.state_dict() for n, r in self.runs.items()},
+            "schedule": self.schedule.state_dict(),
+        }
+
+    # ------------------------------------------------------------------ one step
+    def _count(self, name: str, batches: list[dict]) -> tuple[int, int]:
+        task = self.runs[name].task
+        units = sum(task.units(b) for b in batches)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        return units, tokens
+
+    def train_step(self, step: int) -> dict:
+        plan = self.schedule.plan(step, self.probe)
+        names = [n for n, w in plan.weights.items() if w > 0]
+        batches = {
+            n: [self.runs[n].stream.next()
+                for _ in range(plan.micro_batches[n] if plan.micro_batches else self.runs[n].accum)]
+            for n in names
+        }
+        counts = [self._count(n, batches[n]) for n in names]
+        units = self.engine.all_reduce_sum(torch.tensor([c[0] for c in counts], dtype=torch.float64))
+        world = self.engine.world_size
+        total_micro = sum(len(b) for b in batches.values())
+        sums = torch.zeros(len(names), dtype=torch.float64)
+        metric_sums: dict[str, torch.Tensor] = {}
+        micro = 0
+        for i, name in enumerate(names):
+            task = self.runs[name].task
+            # Global mean over the step's units (DDP averages gradients over ranks, hence x world).
+            scale = plan.weights[name] * world / max(float(units[i]), 1.0)
+            for batch in batches[name]:
+                micro += 1
+                batch = self.engine.to_device(batch)
+                with self.engine.no_sync(self.model, enabled=micro < total_micro):
+                    out = task.loss(self.model, batch)
+                    self.engine.backward(out.losses.sum() * scale)
+                sums[i] += out.losses.detach().double().sum().cpu()
+                for k, v in out.metrics.items():
+                    key = f"{name}/{k}"
+                    metric_sums[key] = metric_sums.get(key, torch.zeros(2, dtype=torch.float64)) + torch.tensor(
+                        [float(v.double().sum()), v.numel()], dtype=torch.float64)
+        grad_norm = self.engine.clip_grad_norm(self.model, self.cfg.optim.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        keys = sorted(metric_sums)
+        flat = torch.cat([sums, torch.tensor([float(sum(c[1] for c in counts))], dtype=torch.float64)]
+                         + [metric_sums[k] for k in keys])
+        flat = self.engine.all_reduce_sum(flat).cpu()
+        losses = {n: float(flat[i] / max(float(units[i]), 1.0)) for i, n in enumerate(names)}
+        self.schedule.observe(step, losses)
+        tokens = int(flat[len(names)])
+        rec = {"step": step + 1, "ran": names, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        rec.update({f"loss/{n}": v for n, v in losses.items()})
+        rec.update({f"probe/{n}": v for n, v in plan.probed.items()})
+        off = len(names) + 1
+        for j, k in enumerate(keys):
+            s, c = flat[off + 2 * j], flat[off + 2 * j + 1]
+            rec[k] = float(s / max(float(c), 1.0))
+        for n, r in self.runs.items():
+            rec[f"epoch/{n}"] = r.stream.epoch
+        return rec
+
+    # ------------------------------------------------------------------ no-grad losses
+    @torch.no_grad()
+    def _global_loss(self, name: str, batches) -> float:
+        task = self.runs[name].task
+        s = torch.zeros(2, dtype=torch.float64)
+        for batch in batches:
+            out = task.loss(self.model, self.engine.to_device(batch))
+            s += torch.tensor([float(out.losses.double().sum()), float(out.units.double().sum())],
+                              dtype=torch.float64)
+        s = self.engine.all_reduce_sum(s).cpu()
+        return float(s[0] / max(float(s[1]), 1.0))
+
+    def probe(self, names: list[str]) -> dict[str, float]:
+        """No-grad loss of each named objective on one fresh step's worth of its batches."""
+        self.model.eval()
+        try:
+            return {n: self._global_loss(n, [self.runs[n].stream.next() for _ in range(self.runs[n].accum)])
+                    for n in names}
+        finally:
+            self.model.train()
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss of every objective that has eval data (global over ranks)."""
+        self.model.eval()
+        try:
+            result = {}
+            for n, r in self.runs.items():
+                if not r.eval:
+                    continue
+                mbs = self.cfg.train.eval_batch_size or r.cfg.micro_batch_size
+                batches = eval_batches(r.eval, mbs, r.task.collate(self.tokenizer.pad_token_id),
+                                       self.engine.rank, self.engine.world_size)
+                result[n] = self._global_loss(n, batches)
+            return result
+        finally:
+            self.model.train()
+
+    # ------------------------------------------------------------------ the loop
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.out, self.step, self.engine, self.model, self.optimizer,
+                                    self.scheduler, self.trainer_state(), self.cfg.train.keep_last)
+
+    def _log_eval(self, result: RunResult) -> None:
+        ev = self.evaluate()
+        if ev:
+            rec = {"kind": "eval", "step": self.step, **{f"eval/{n}": v for n, v in ev.items()}}
+            self.metrics.write(rec)
+            result.eval_history.append({"step": self.step, **ev})
+            self.engine.print("[eval] step %d: %s" % (self.step, ", ".join(f"{n}={v:.4f}" for n, v in ev.items())))
+
+    def train(self) -> RunResult:
+        t = self.cfg.train
+        result = RunResult(self.out, self.max_steps, self.out / "final")
+        bar = None
+        if t.progress and self.engine.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        if self.step == 0 and t.eval_steps:
+            self._log_eval(result)
+        while self.step < self.max_steps:
+            t0 = time.perf_counter()
+            rec = self.train_step(self.step)
+            dt = time.perf_counter() - t0
+            self.step += 1
+            self.elapsed += dt
+            self.tokens += rec["tokens"]
+            rec["tokens_per_s"] = rec["tokens"] / max(dt, 1e-9)
+            rec["elapsed"] = self.elapsed
+            self.metrics.write(rec)
+            result.train_losses.append({"step": rec["step"], "ran": rec["ran"],
+                                        **{k[5:]: v for k, v in rec.items() if k.startswith("loss/")}})
+            if bar is not None:
+                bar.update(1)
+                if self.step % max(1, t.logging_steps) == 0:
+                    bar.set_postfix({**{k[5:]: f"{v:.4f}" for k, v in rec.items() if k.startswith("loss/")},
+                                     "tok/s": f"{rec['tokens_per_s']:.0f}"})
+            if t.eval_steps and self.step % t.eval_steps == 0:
+                self._log_eval(result)
+            if t.save_steps and self.step % t.save_steps == 0 and self.step < self.max_steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        if not t.eval_steps or self.step % t.eval_steps != 0:
+            self._log_eval(result)
+        self.save_final()
+        result.wall_time = self.elapsed
+        result.tokens = self.tokens
+        self.metrics.close()
+        return result
+
+    def save_final(self) -> None:
+        final = self.out / "final"
+        if self.engine.is_main and final.exists():
+            shutil.rmtree(final)
+        self.engine.barrier()
+        ckpt.save_model(self.engine, self.model, final, tokenizer=self.tokenizer,
+                        merged=self.cfg.model.lora.save_merged)
+        self.engine.barrier()
+        self.engine.print(f"[done] {self.step} steps; final model in {final}")
+
+
+def train(cfg: RunConfig, engine: Engine | None = None) -> RunResult:
+    return Trainer(cfg, engine).train()

@@ -1,0 +1,111 @@
+"""Build a run's parts from its config: tokenizer, policy, tasks with their frozen models, data
+streams, optimizer and LR schedule. Nothing here trains; ``loop.py`` does."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from bipost.config import ObjectiveConfig, OptimConfig, RunConfig
+from bipost.data import ExampleStream, load_objective_data
+from bipost.models import is_peft, load_causal_lm, load_policy, load_tokenizer
+from bipost.train.engine import Engine
+from bipost.train.tasks import DPOTask, KDTask, Task, make_task
+
+log = logging.getLogger("bipost")
+
+
+@dataclass
+class ObjectiveRun:
+    """An objective with its task, data and stream."""
+
+    cfg: ObjectiveConfig
+    task: Task
+    train: list
+    eval: list
+    stream: ExampleStream
+    accum: int
+    """Micro-batches per optimizer step on each rank."""
+    summary: object
+
+
+def build_objectives(cfg: RunConfig, tokenizer, policy, engine: Engine) -> dict[str, ObjectiveRun]:
+    frozen: dict[str, torch.nn.Module] = {}  # one copy per path, shared by objectives
+
+    def frozen_model(path: str):
+        if path not in frozen:
+            log.info("loading frozen model %s", path)
+            frozen[path] = engine.place(load_causal_lm(path, cfg.model, frozen=True))
+        return frozen[path]
+
+    runs: dict[str, ObjectiveRun] = {}
+    for i, ocfg in enumerate(cfg.objectives):
+        task = make_task(ocfg)
+        if isinstance(task, DPOTask):
+            if ocfg.reference:
+                task.reference = frozen_model(ocfg.reference)
+            elif not is_peft(policy):
+                task.reference = frozen_model(cfg.model.path)  # the policy's initial weights
+            # else: LoRA policy with its adapter disabled (no second copy)
+        if isinstance(task, KDTask):
+            task.teacher = frozen_model(ocfg.teacher)  # type: ignore[arg-type]
+        data = load_objective_data(ocfg.data, ocfg.kind, tokenizer)
+        engine.print(f"[data] {ocfg.name}: {data.summary}")
+        per_rank = ocfg.batch_size // engine.world_size  # type: ignore[operator]
+        if per_rank * engine.world_size != ocfg.batch_size or per_rank % ocfg.micro_batch_size:  # type: ignore[operator]
+            raise ValueError(
+                f"objective {ocfg.name}: batch_size {ocfg.batch_size} must be divisible by "
+                f"world_size {engine.world_size} x micro_batch_size {ocfg.micro_batch_size}"
+            )
+        stream = ExampleStream(
+            data.train, ocfg.micro_batch_size, task.collate(tokenizer.pad_token_id),
+            seed=cfg.train.seed + 1000 * i, rank=engine.rank, world_size=engine.world_size,
+        )
+        runs[ocfg.name] = ObjectiveRun(ocfg, task, data.train, data.eval, stream,
+                                       per_rank // ocfg.micro_batch_size, data.summary)  # type: ignore[arg-type]
+    return runs
+
+
+def step_budget(cfg: RunConfig, runs: dict[str, ObjectiveRun]) -> int:
+    """Shared by every schedule so that comparisons are fair: epochs over the largest objective."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    per_pass = max(math.ceil(len(r.train) / r.cfg.batch_size) for r in runs.values())  # type: ignore[operator]
+    return max(1, math.ceil(cfg.train.epochs * per_pass))
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int):
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if cfg.scheduler == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+    return factor
+
+
+def build_optimizer(cfg: OptimConfig, model, total_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+    return opt, sched
+
+
+def build_policy_and_tokenizer(cfg: RunConfig):
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
+    policy = load_policy(cfg.model)
+    return tokenizer, policy
