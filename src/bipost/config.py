@@ -196,6 +196,27 @@ class TrainConfig:
     """wandb project name."""
     progress: bool = True
     """Show a progress bar."""
+    early_stop_eps: Optional[float] = None
+    """Stop at an evaluation where every objective's weighted gap lambda_i (f_i - f_i*) is <= eps (needs each objective's optimum)."""
+    ref_pareto: list[list[float]] = field(default_factory=list)
+    """Reference Pareto points (one loss per objective each): stop at an evaluation whose held-out losses dominate one of them."""
+
+
+@dataclass
+class DistConfig:
+    """How the run is distributed. Under ``accelerate launch`` the accelerate config decides; these
+    fields let ``torchrun`` / ``deepspeed --module`` runs (and the seed command lines) pick an engine."""
+
+    backend: str = "auto"
+    """auto (what the launcher set up: DDP across ranks, or one device) | ddp | fsdp2 | deepspeed."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0-3) when backend is deepspeed (seed flag --zero_stage)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states on the CPU (DeepSpeed/FSDP offload; seed flag --adam_offload)."""
+    offload_reference: bool = False
+    """Offload frozen reference/teacher weights to the CPU (seed flag --ref_offload)."""
+    zero_hpz_partition_size: int = 1
+    """DeepSpeed ZeRO++ hierarchical partition size (seed flag --zpg)."""
 
 
 @dataclass
@@ -212,3 +233,5 @@ class RunConfig:
     """Optimizer."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Loop settings."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Distribution engine."""

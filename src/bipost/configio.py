@@ -208,6 +208,15 @@ def validate(cfg: C.RunConfig) -> None:
     _check(t.keep_last >= 1, "train.keep_last must be >= 1")
     for sink in t.report_to:
         _check(sink in ("tensorboard", "wandb"), f"train.report_to: unknown sink {sink!r} (tensorboard, wandb)")
+    for p in t.ref_pareto:
+        _check(len(p) == len(cfg.objectives),
+               f"train.ref_pareto: each point needs {len(cfg.objectives)} losses (one per objective), got {p}")
+    if t.early_stop_eps is not None:
+        _check(all(o.optimum is not None for o in cfg.objectives),
+               "train.early_stop_eps needs objectives.N.optimum (f_i*) for every objective")
+    d = cfg.dist
+    _check(d.backend in ("auto", "ddp", "fsdp2", "deepspeed"), "dist.backend must be auto, ddp, fsdp2 or deepspeed")
+    _check(d.zero_stage in (0, 1, 2, 3), "dist.zero_stage must be 0, 1, 2 or 3")
     _check(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype: auto|float32|bfloat16|float16")
 
 

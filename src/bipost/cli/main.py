@@ -1,40 +1,16 @@
-"""``bipost`` command: train, demo (and the commands later issues add)."""
+"""``bipost`` command. Each sub-command lives in its own ``cmd_*.py`` module with ``register``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
 
 from bipost.cli.common import finish_distributed, setup_process
 
-TRAIN_EPILOG = """\
-CONFIG is a YAML file; each override is key.sub=value (list items by index, e.g.
-objectives.0.weight=0.3). Fields:
-
-"""
-
-
-def _config_help() -> str:
-    from bipost.configio import describe
-
-    return TRAIN_EPILOG + "\n".join(describe())
-
-
-def cmd_train(args) -> int:
-    from bipost.configio import load_config
-    from bipost.train.loop import train
-
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg)
-    print(f"[bipost] run directory: {result.output_dir}")
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from bipost.demo import run_demo
-
-    run_demo(args.out, quick=args.quick)
-    return 0
+COMMANDS = ["train", "demo", "compare", "select"]
+"""Modules ``bipost.cli.cmd_<name>``; each registers one or more sub-commands."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,16 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="LLM post-training that does not forget: train SFT, DPO and KD objectives together.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    t = sub.add_parser("train", help="train from a YAML config and key=value overrides",
-                       description="Train a model on one or more objectives.",
-                       epilog=_config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("config", nargs="?", help="YAML config file (optional if overrides give everything)")
-    t.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    t.set_defaults(func=cmd_train)
-    d = sub.add_parser("demo", help="build a tiny model and data offline, then train SFT and DPO end to end")
-    d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    d.add_argument("--quick", action="store_true", help="a shorter run (used by the tests)")
-    d.set_defaults(func=cmd_demo)
+    for name in COMMANDS:
+        module = f"bipost.cli.cmd_{name}"
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).register(sub)
     return p
 
 

@@ -10,8 +10,8 @@ SCHEDULES: dict[str, type[Schedule]] = {
 }
 
 
-def make_schedule(objectives, cfg, max_steps: int) -> Schedule:
-    return SCHEDULES[cfg.name](objectives, cfg, max_steps)
+def make_schedule(objectives, cfg, max_steps: int, steps_per_pass: dict[str, int] | None = None) -> Schedule:
+    return SCHEDULES[cfg.name](objectives, cfg, max_steps, steps_per_pass)
 
 
 __all__ = ["SCHEDULES", "Probe", "Schedule", "StepPlan", "make_schedule"]

@@ -15,8 +15,8 @@ class Alright(Schedule):
 
     name = "alright"
 
-    def __init__(self, objectives, cfg, max_steps):
-        super().__init__(objectives, cfg, max_steps)
+    def __init__(self, objectives, cfg, max_steps, steps_per_pass=None):
+        super().__init__(objectives, cfg, max_steps, steps_per_pass)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.probs = torch.tensor([self.lambdas[n] for n in self.names], dtype=torch.float64)
         self.accum = {o.name: o.batch_size // o.micro_batch_size for o in objectives}

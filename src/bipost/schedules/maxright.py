@@ -25,8 +25,8 @@ EMA = 0.9
 class Maxright(Schedule):
     name = "maxright"
 
-    def __init__(self, objectives, cfg, max_steps):
-        super().__init__(objectives, cfg, max_steps)
+    def __init__(self, objectives, cfg, max_steps, steps_per_pass=None):
+        super().__init__(objectives, cfg, max_steps, steps_per_pass)
         self.f: dict[str, float] = {}
         self.ema: dict[str, float] = {}
         self.best: dict[str, float] = {}

@@ -33,7 +33,9 @@ from bipost.train.setup import (
     build_optimizer,
     build_policy_and_tokenizer,
     step_budget,
+    steps_per_pass,
 )
+from bipost.train.hooks import StepHook
 
 log = logging.getLogger("bipost")
 
@@ -49,11 +51,13 @@ class RunResult:
     """Per evaluation: {"step", name: held-out loss, ...}."""
     wall_time: float = 0.0
     tokens: int = 0
+    stopped_early: str | None = None
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, engine: Engine | None = None):
+    def __init__(self, cfg: RunConfig, engine: Engine | None = None, hooks: tuple[StepHook, ...] = ()):
         self.cfg = cfg
+        self.hooks = list(hooks)
         self.engine = engine or Engine()
         self.out = Path(cfg.train.output_dir)
         self._prepare_output_dir()
@@ -67,10 +71,14 @@ class Trainer:
         # The LR scheduler is stepped by us, once per optimizer step (accelerate's wrapper would
         # step it once per rank).
         self.model, self.optimizer = self.engine.prepare(policy, optimizer)
-        self.schedule = make_schedule(cfg.objectives, cfg.schedule, self.max_steps)
+        self.schedule = make_schedule(cfg.objectives, cfg.schedule, self.max_steps,
+                                      steps_per_pass=steps_per_pass(self.runs))
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
+        self.stopped_early: str | None = None
+        for hook in self.hooks:
+            hook.bind(self)
         if cfg.train.resume:
             self._resume()
         self.metrics = MetricsWriter(self.out, cfg.train.report_to, dataclasses.asdict(cfg),
@@ -104,6 +112,8 @@ class Trainer:
         for name, s in state["streams"].items():
             self.runs[name].stream.load_state_dict(s)
         self.schedule.load_state_dict(state["schedule"])
+        for hook, hs in zip(self.hooks, state.get("hooks", [])):
+            hook.load_state_dict(hs)
         self.engine.print(f"[resume] from {path} (step {self.step})")
 
     def trainer_state(self) -> dict:
@@ -113,12 +123,18 @@ class Trainer:
             "elapsed": self.elapsed,
             "streams": {n: r.stream.state_dict() for n, r in self.runs.items()},
             "schedule": self.schedule.state_dict(),
+            "hooks": [h.state_dict() for h in self.hooks],
         }
 
     # ------------------------------------------------------------------ one step
     def _count(self, name: str, batches: list[dict]) -> tuple[int, int]:
         task = self.runs[name].task
-        units = sum(task.units(b) for b in batches)
+        units = 0
+        for b in batches:
+            u = task.units(b)
+            for hook in self.hooks:
+                u = hook.units(name, b, u)
+            units += u
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         return units, tokens
 
@@ -146,6 +162,8 @@ class Trainer:
                 batch = self.engine.to_device(batch)
                 with self.engine.no_sync(self.model, enabled=micro < total_micro):
                     out = task.loss(self.model, batch)
+                    for hook in self.hooks:
+                        out = hook.transform(name, batch, out)
                     self.engine.backward(out.losses.sum() * scale)
                 sums[i] += out.losses.detach().double().sum().cpu()
                 for k, v in out.metrics.items():
@@ -165,6 +183,9 @@ class Trainer:
         losses = {n: float(flat[i] / max(float(units[i]), 1.0)) for i, n in enumerate(names)}
         self.schedule.observe(step, losses)
         tokens = int(flat[len(names)])
+        hook_metrics: dict = {}
+        for hook in self.hooks:
+            hook_metrics.update(hook.after_step(step))
         rec = {"step": step + 1, "ran": names, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
         rec.update({f"loss/{n}": v for n, v in losses.items()})
         rec.update({f"probe/{n}": v for n, v in plan.probed.items()})
@@ -174,6 +195,7 @@ class Trainer:
             rec[k] = float(s / max(float(c), 1.0))
         for n, r in self.runs.items():
             rec[f"epoch/{n}"] = r.stream.epoch
+        rec.update(hook_metrics)
         return rec
 
     # ------------------------------------------------------------------ no-grad losses
@@ -218,6 +240,22 @@ class Trainer:
         return ckpt.save_checkpoint(self.out, self.step, self.engine, self.model, self.optimizer,
                                     self.scheduler, self.trainer_state(), self.cfg.train.keep_last)
 
+    def _should_stop(self, ev: dict[str, float]) -> str | None:
+        """The seeds' early stopping, on held-out losses: near the ideal point, or past a reference front."""
+        t = self.cfg.train
+        objs = self.cfg.objectives
+        if len(ev) < len(objs):
+            return None
+        f = [ev[o.name] for o in objs]
+        if t.early_stop_eps is not None:
+            gaps = [o.weight * (fi - o.optimum) for o, fi in zip(objs, f)]  # type: ignore[operator]
+            if max(gaps) <= t.early_stop_eps:
+                return f"every weighted gap to the optimum is <= {t.early_stop_eps} ({gaps})"
+        for p in t.ref_pareto:
+            if all(a <= b for a, b in zip(f, p)) and any(a < b for a, b in zip(f, p)):
+                return f"held-out losses {f} dominate the reference point {p}"
+        return None
+
     def _log_eval(self, result: RunResult) -> None:
         ev = self.evaluate()
         if ev:
@@ -225,6 +263,9 @@ class Trainer:
             self.metrics.write(rec)
             result.eval_history.append({"step": self.step, **ev})
             self.engine.print("[eval] step %d: %s" % (self.step, ", ".join(f"{n}={v:.4f}" for n, v in ev.items())))
+            self.stopped_early = self._should_stop(ev)
+            if self.stopped_early:
+                self.engine.print(f"[early stop] step {self.step}: {self.stopped_early}")
 
     def train(self) -> RunResult:
         t = self.cfg.train
@@ -255,6 +296,8 @@ class Trainer:
                                      "tok/s": f"{rec['tokens_per_s']:.0f}"})
             if t.eval_steps and self.step % t.eval_steps == 0:
                 self._log_eval(result)
+                if self.stopped_early:
+                    break
             if t.save_steps and self.step % t.save_steps == 0 and self.step < self.max_steps:
                 self.save()
         if bar is not None:
@@ -262,8 +305,11 @@ class Trainer:
         if not t.eval_steps or self.step % t.eval_steps != 0:
             self._log_eval(result)
         self.save_final()
+        for hook in self.hooks:
+            hook.on_end()
         result.wall_time = self.elapsed
         result.tokens = self.tokens
+        result.stopped_early = self.stopped_early
         self.metrics.close()
         return result
 

@@ -53,7 +53,6 @@ def build_objectives(cfg: RunConfig, tokenizer, policy, engine: Engine) -> dict[
         if isinstance(task, KDTask):
             task.teacher = frozen_model(ocfg.teacher)  # type: ignore[arg-type]
         data = load_objective_data(ocfg.data, ocfg.kind, tokenizer)
-        engine.print(f"[data] {ocfg.name}: {data.summary}")
         per_rank = ocfg.batch_size // engine.world_size  # type: ignore[operator]
         if per_rank * engine.world_size != ocfg.batch_size or per_rank % ocfg.micro_batch_size:  # type: ignore[operator]
             raise ValueError(
@@ -69,12 +68,16 @@ def build_objectives(cfg: RunConfig, tokenizer, policy, engine: Engine) -> dict[
     return runs
 
 
+def steps_per_pass(runs: dict[str, ObjectiveRun]) -> dict[str, int]:
+    """Optimizer steps one pass over each objective's training data takes."""
+    return {n: max(1, math.ceil(len(r.train) / r.cfg.batch_size)) for n, r in runs.items()}  # type: ignore[operator]
+
+
 def step_budget(cfg: RunConfig, runs: dict[str, ObjectiveRun]) -> int:
     """Shared by every schedule so that comparisons are fair: epochs over the largest objective."""
     if cfg.train.max_steps:
         return cfg.train.max_steps
-    per_pass = max(math.ceil(len(r.train) / r.cfg.batch_size) for r in runs.values())  # type: ignore[operator]
-    return max(1, math.ceil(cfg.train.epochs * per_pass))
+    return max(1, math.ceil(cfg.train.epochs * max(steps_per_pass(runs).values())))
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
