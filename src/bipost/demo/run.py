@@ -47,7 +47,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
     print(f"[demo] data: {len(sft_train)} SFT rows ('reverse: a b c' -> 'c b a'), {len(pref)} preference pairs "
           f"(right answer vs corrupted) in {out / 'data'}")
 
-    sft_steps, dpo_steps = (40, 10) if quick else (400, 120)
+    sft_steps, dpo_steps = (40, 10) if quick else (220, 150)
     sft_cfg = load_config(overrides=[
         f"model.path={base}",
         "objectives.0.kind=sft", f"objectives.0.data.path={out / 'data/sft.jsonl'}",
