@@ -18,6 +18,7 @@ class MetricsWriter:
         self.wandb = None
         if not enabled:
             return
+        self._repair()
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -32,6 +33,15 @@ class MetricsWriter:
                 self.wandb = wandb.init(project=wandb_project, config=config, dir=str(output_dir))
             except ImportError:
                 log.warning("report_to: wandb is not installed (pip install 'bipost[wandb]'); skipping")
+
+    def _repair(self) -> None:
+        """Drop a torn last line left by a process killed mid-write, so that appending after a
+        resume starts on a fresh line."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            self.path.write_bytes(data[: data.rfind(b"\n") + 1])
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -54,10 +64,15 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Records of a metrics.jsonl; after a resume, a re-run step replaces the earlier record."""
+    """Records of a metrics.jsonl; after a resume, a re-run step replaces the earlier record.
+    A torn last line (the writer was killed mid-write) is ignored."""
     by_key: dict[tuple, dict] = {}
     order: list[tuple] = []
-    for line in Path(path).read_text().splitlines():
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1]
+    for line in lines:
         if not line.strip():
             continue
         rec = json.loads(line)
