@@ -82,6 +82,8 @@ class ModelConfig:
     """Recompute activations in the backward pass to save memory."""
     trust_remote_code: bool = False
     """Allow model code from the hub."""
+    compile: bool = False
+    """torch.compile every decoder layer of the policy (dynamic shapes; the first steps are slow while it compiles; packed attention itself stays eager)."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA settings."""
 
@@ -120,6 +122,8 @@ class ObjectiveConfig:
     """KD: softmax temperature (the loss is scaled by T^2)."""
     jsd_beta: float = 0.5
     """KD: interpolation weight of the generalized JSD."""
+    cache_reference: bool = False
+    """DPO: compute the reference log-probs once before training and cache them on disk (keyed by the data, reference model, tokenizer and max_len; a stale cache is rebuilt). No reference model is kept in memory while training."""
     optimum: Optional[float] = None
     """f_i^*: the objective's optimal value, if known (maxright gaps, distance to ideal point)."""
 
@@ -136,6 +140,8 @@ class ScheduleConfig:
     """maxright: re-evaluate every objective without gradients every this many steps."""
     per_micro_step: bool = False
     """alright: draw the objective per micro-batch instead of per optimizer step."""
+    lambda_decay: float = 0.0
+    """bilevel: the upper-level weight u (the first objective's lambda) drops by this much after every pass over the second (lower-level) objective's data, clamped at 0 (seed flag --upperlevel_weight_decay)."""
 
 
 @dataclass
@@ -200,6 +206,14 @@ class TrainConfig:
     """Stop at an evaluation where every objective's weighted gap lambda_i (f_i - f_i*) is <= eps (needs each objective's optimum)."""
     ref_pareto: list[list[float]] = field(default_factory=list)
     """Reference Pareto points (one loss per objective each): stop at an evaluation whose held-out losses dominate one of them."""
+    packing: bool = False
+    """Padding-free packing: each micro-batch is one row of its sequences laid end to end (DPO: each prompt once, shared by chosen and rejected); attention never crosses sequences. Needs attn_implementation sdpa or flash_attention_2."""
+    logits: str = "auto"
+    """How response log-probs come from hidden states: chunked (never holds full-vocabulary fp32 logits) | liger (Liger-Kernel fused linear cross-entropy, GPU) | plain (full logits, the reference path) | auto (liger where installed on a GPU, else chunked; plain for models with logit soft-capping or scaling)."""
+    logits_chunk_size: int = 0
+    """Positions per lm_head chunk (chunked logits and KD); 0 picks it so one chunk's fp32 logits take <= 256 MiB."""
+    cache_dir: Optional[str] = None
+    """Where cached reference log-probs are kept (objectives.N.cache_reference); default ``<output_dir>/cache``."""
 
 
 @dataclass
@@ -220,6 +234,48 @@ class DistConfig:
 
 
 @dataclass
+class SelectorConfig:
+    """Bilevel data selection: one learned weight per training row of the lower-level objective
+    (see ``bipost.selector``). Weights, ranks and a summary are written under
+    ``<train.output_dir>/<selector.name>/``."""
+
+    enabled: bool = False
+    """Learn per-row weights of the lower-level objective while training (``bipost select`` turns it on)."""
+    objective: Optional[str] = None
+    """Name of the lower-level objective whose rows are weighted; defaults to the last objective."""
+    activation: str = "softmax"
+    """softmax (w = N * softmax(logits), mean weight 1) | sigmoid (w = 2 * sigmoid(logits), each in (0, 2))."""
+    init: Optional[float] = None
+    """Initial value of every logit; defaults to the seeds' 0.1 (softmax) or -1e-4 (sigmoid)."""
+    lr: float = 1e-4
+    """Learning rate of the selector's own Adam (seed flag --selector_learning_rate)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam betas of the selector (no weight decay)."""
+    eps: float = 1e-8
+    """Adam epsilon of the selector."""
+    max_grad_norm: float = 10.0
+    """Clip the selector's gradient norm to this (0 disables)."""
+    scheduler: str = "constant"
+    """Selector LR schedule over the run's steps: constant | linear | cosine (after warmup)."""
+    warmup_steps: int = 0
+    """Linear warmup steps of the selector LR."""
+    min_lr_ratio: float = 0.0
+    """linear/cosine: final selector LR as a fraction of its peak."""
+    update_every_step: bool = True
+    """When the lower objective does not run in a step (upper weight u = 1, or a schedule that skipped it), measure its per-row losses on its next batch without gradients so the selector still takes its step, as the seeds do."""
+    name: str = "selector"
+    """Folder under train.output_dir for the weights, summaries and per-epoch models (seed flag --selector_name)."""
+    formats: list[str] = field(default_factory=lambda: ["parquet", "jsonl"])
+    """Weights file formats: parquet and/or jsonl (columns row_id, logit, weight, rank)."""
+    every_epochs: int = 1
+    """Write the weights and a summary every this many passes over the lower objective's data (0: only at the end)."""
+    save_epoch_models: bool = True
+    """With those per-epoch outputs, also save the model (the adapter with LoRA)."""
+    summary_rows: int = 10
+    """Rows with the highest and the lowest weights shown (with their text) in each summary."""
+
+
+@dataclass
 class RunConfig:
     """A bipost training run."""
 
@@ -235,3 +291,5 @@ class RunConfig:
     """Loop settings."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Distribution engine."""
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    """Bilevel data selection (off unless enabled)."""

@@ -190,6 +190,7 @@ def validate(cfg: C.RunConfig) -> None:
     _check(total > 0, "objective weights sum to 0")
     for o in cfg.objectives:
         o.weight = o.weight / total
+    _validate_selector(cfg)
     s = cfg.schedule
     from bipost.schedules import SCHEDULES  # late import: schedules import config
 
@@ -218,6 +219,39 @@ def validate(cfg: C.RunConfig) -> None:
     _check(d.backend in ("auto", "ddp", "fsdp2", "deepspeed"), "dist.backend must be auto, ddp, fsdp2 or deepspeed")
     _check(d.zero_stage in (0, 1, 2, 3), "dist.zero_stage must be 0, 1, 2 or 3")
     _check(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype: auto|float32|bfloat16|float16")
+
+
+def _validate_selector(cfg: C.RunConfig) -> None:
+    """The bilevel schedule and the data selector (runs before the schedule checks: with the selector on,
+    an unset schedule (``single``) becomes ``bilevel``)."""
+    s, sel = cfg.schedule, cfg.selector
+    _check(s.lambda_decay >= 0, "schedule.lambda_decay must be >= 0")
+    if s.name == "bilevel":
+        _check(len(cfg.objectives) == 2,
+               f"schedule 'bilevel' takes exactly two objectives (upper level first, lower level second); "
+               f"{len(cfg.objectives)} given")
+    if not sel.enabled:
+        return
+    _check(len(cfg.objectives) >= 2, "selector.enabled needs two objectives: the trusted (upper-level) one "
+                                     "first and the one whose rows are weighted (lower level) second")
+    if s.name == "single":
+        s.name = "bilevel"
+    names = [o.name for o in cfg.objectives]
+    sel.objective = sel.objective or names[-1]
+    _check(sel.objective in names, f"selector.objective {sel.objective!r} is not an objective name ({names})")
+    _check(sel.activation in ("softmax", "sigmoid"), f"selector.activation must be softmax or sigmoid, "
+                                                     f"not {sel.activation!r}")
+    _check(sel.lr > 0, "selector.lr must be > 0")
+    _check(len(sel.betas) == 2 and all(0 <= b < 1 for b in sel.betas), "selector.betas takes two numbers in [0, 1)")
+    _check(sel.max_grad_norm >= 0, "selector.max_grad_norm must be >= 0 (0 disables clipping)")
+    _check(sel.scheduler in ("constant", "linear", "cosine"), "selector.scheduler must be constant, linear or cosine")
+    _check(sel.warmup_steps >= 0, "selector.warmup_steps must be >= 0")
+    _check(bool(sel.formats) and all(f in ("parquet", "jsonl") for f in sel.formats),
+           f"selector.formats: one or both of parquet, jsonl (got {sel.formats})")
+    _check(bool(sel.name) and "/" not in sel.name and sel.name not in (".", "..", "final", "checkpoints"),
+           f"selector.name must be a plain folder name other than final/checkpoints, not {sel.name!r}")
+    _check(sel.summary_rows >= 0, "selector.summary_rows must be >= 0")
+    _check(sel.every_epochs >= 0, "selector.every_epochs must be >= 0 (0: outputs only at the end)")
 
 
 # ---------------------------------------------------------------- help from attribute docstrings

@@ -35,3 +35,14 @@ class StepHook:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def hooks_from_config(cfg) -> list[StepHook]:
+    """The hooks a run's config turns on (the bilevel data selector when ``selector.enabled``), so
+    that ``bipost train``, ``Trainer(cfg)`` and a resumed run all get the same hooks."""
+    hooks: list[StepHook] = []
+    if cfg.selector.enabled:
+        from bipost.selector import SelectorHook
+
+        hooks.append(SelectorHook(cfg.selector))
+    return hooks

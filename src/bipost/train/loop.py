@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from bipost.train.setup import (
     step_budget,
     steps_per_pass,
 )
-from bipost.train.hooks import StepHook
+from bipost.train.hooks import StepHook, hooks_from_config
 
 log = logging.getLogger("bipost")
 
@@ -57,8 +58,8 @@ class RunResult:
 class Trainer:
     def __init__(self, cfg: RunConfig, engine: Engine | None = None, hooks: tuple[StepHook, ...] = ()):
         self.cfg = cfg
-        self.hooks = list(hooks)
-        self.engine = engine or Engine()
+        self.hooks = [*hooks_from_config(cfg), *hooks]
+        self.engine = engine or Engine.for_run(cfg)
         self.out = Path(cfg.train.output_dir)
         self._prepare_output_dir()
         from transformers import set_seed
@@ -200,13 +201,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ no-grad losses
     @torch.no_grad()
-    def _global_loss(self, name: str, batches) -> float:
+    def _global_loss(self, name: str, batches, filler: dict | None = None, pad: int = 0) -> float:
         task = self.runs[name].task
         s = torch.zeros(2, dtype=torch.float64)
         for batch in batches:
             out = task.loss(self.model, self.engine.to_device(batch))
             s += torch.tensor([float(out.losses.double().sum()), float(out.units.double().sum())],
                               dtype=torch.float64)
+        # Sharded engines gather parameters inside every forward, so a rank with fewer batches runs
+        # `pad` forwards of a filler batch whose loss is not counted.
+        for _ in range(pad):
+            task.loss(self.model, self.engine.to_device(filler))  # type: ignore[arg-type]
         s = self.engine.all_reduce_sum(s).cpu()
         return float(s[0] / max(float(s[1]), 1.0))
 
@@ -228,9 +233,13 @@ class Trainer:
                 if not r.eval:
                     continue
                 mbs = self.cfg.train.eval_batch_size or r.cfg.micro_batch_size
-                batches = eval_batches(r.eval, mbs, r.task.collate(self.tokenizer.pad_token_id),
-                                       self.engine.rank, self.engine.world_size)
-                result[n] = self._global_loss(n, batches)
+                collate = r.task.collate(self.tokenizer.pad_token_id)
+                batches = list(eval_batches(r.eval, mbs, collate, self.engine.rank, self.engine.world_size))
+                pad = 0
+                if self.engine.lockstep_forwards:  # rank 0 holds the most rows: ceil(N / W)
+                    pad = math.ceil(math.ceil(len(r.eval) / self.engine.world_size) / mbs) - len(batches)
+                filler = batches[0] if batches else collate([r.eval[0]])
+                result[n] = self._global_loss(n, batches, filler, pad)
             return result
         finally:
             self.model.train()
