@@ -100,10 +100,17 @@ def as_reference(model) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), model.disable_adapter():
+        with torch.no_grad(), _peft_model(model).disable_adapter():
             yield
     finally:
         model.train(was_training)
+
+
+def _peft_model(model):
+    """The peft model inside a DDP wrapper (DeepSpeed engines and FSDP2 modules pass attributes through)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:

@@ -2,8 +2,10 @@
 
 Layout of ``<output_dir>/checkpoints/step-00000100/``::
 
-    model/            HF format: save_pretrained (LoRA: the peft adapter only)
-    optimizer.pt      optimizer state
+    model/            HF format: save_pretrained (LoRA: the peft adapter only), gathered from all ranks
+    optimizer.pt      optimizer state (one device / DDP: the same on every rank, written once)
+    sharded/          FSDP2 / DeepSpeed instead: trained weights and optimizer states, one file per
+                      rank (torch DCP, or DeepSpeed's own checkpoint); resume restores from here
     scheduler.pt      LR scheduler state
     rng-<rank>.pt     python / numpy / torch (CPU and CUDA) RNG states of each rank
     trainer_state.pt  step, every data stream's position, schedule state, counters
@@ -73,21 +75,39 @@ def _fsync_tree(path: Path) -> None:
 
 
 def save_model(engine, model, path: Path, tokenizer=None, merged: bool = False) -> None:
-    """HF-format export from the main rank (gathers a sharded model first)."""
-    state = engine.model_state_dict(model)
+    """HF-format export from the main rank; every rank calls it (a sharded model is gathered first,
+    a LoRA model only its adapter). ``merged`` also writes ``<path>-merged`` with the adapter folded
+    into the base weights."""
+    unwrapped = engine.unwrap(model)
+    peft = hasattr(unwrapped, "peft_config")
+    state = engine.model_state_dict(model, trainable_only=peft)
     if engine.is_main:
-        unwrapped = engine.unwrap(model)
-        unwrapped.save_pretrained(path, state_dict=state if not hasattr(unwrapped, "peft_config") else None,
-                                  safe_serialization=True)
+        # peft picks the adapter's entries out of the given state dict (and drops the adapter name)
+        unwrapped.save_pretrained(path, state_dict=state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
-        if merged and hasattr(unwrapped, "merge_and_unload"):
-            import copy
-
-            merged_model = copy.deepcopy(unwrapped).merge_and_unload()
-            merged_model.save_pretrained(path.parent / (path.name + "-merged"), safe_serialization=True)
+        if merged and peft:
+            merged_dir = path.parent / (path.name + "-merged")
+            _merged_model(engine, unwrapped, path).save_pretrained(merged_dir, safe_serialization=True)
             if tokenizer is not None:
-                tokenizer.save_pretrained(path.parent / (path.name + "-merged"))
+                tokenizer.save_pretrained(merged_dir)
+
+
+def _merged_model(engine, unwrapped, adapter_dir: Path):
+    """The base model with the adapter merged in. A replicated model is merged from a copy; a
+    sharded one holds no full weights on any rank, so the base is reloaded on this rank's CPU and
+    the adapter just written is applied to it."""
+    import copy
+
+    if not engine.shards_parameters:
+        return copy.deepcopy(unwrapped).merge_and_unload()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_path = unwrapped.peft_config["default"].base_model_name_or_path
+    with engine.local_model_init():
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=unwrapped.get_base_model().config.dtype)
+        return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
 def save_checkpoint(output_dir, step: int, engine, model, optimizer, scheduler, trainer_state: dict,
@@ -103,8 +123,11 @@ def save_checkpoint(output_dir, step: int, engine, model, optimizer, scheduler, 
     engine.barrier()
     torch.save(rng_state(), tmp / f"rng-{engine.rank}.pt")
     save_model(engine, model, tmp / "model")
+    if engine.shards_optimizer:
+        engine.save_sharded_state(model, optimizer, tmp / "sharded")
     if engine.is_main:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not engine.shards_optimizer:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(trainer_state, tmp / "trainer_state.pt")
     engine.barrier()
@@ -144,8 +167,20 @@ def load_model_weights(model, model_dir: Path) -> None:
 
 
 def load_checkpoint(path: Path, engine, model, optimizer, scheduler) -> dict:
-    load_model_weights(engine.unwrap(model), path / "model")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    """Restore weights, optimizer, LR schedule and this rank's RNG; return the trainer state.
+    A checkpoint resumes under the kind of engine that wrote it (sharded or not); FSDP2 ones also
+    on another number of ranks."""
+    sharded = (path / "sharded").is_dir()
+    if sharded != engine.shards_optimizer:
+        raise ValueError(
+            f"{path} was written {'with' if sharded else 'without'} sharded optimizer states; resume it with "
+            f"{'FSDP2 / DeepSpeed' if sharded else 'one device or DDP'} (this run uses {engine.backend})"
+        )
+    if sharded:
+        engine.load_sharded_state(model, optimizer, path / "sharded")
+    else:
+        load_model_weights(engine.unwrap(model), path / "model")
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_file = path / f"rng-{engine.rank}.pt"
     if rng_file.exists():
