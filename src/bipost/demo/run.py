@@ -80,6 +80,9 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
           f"margin {last.get('dpo/margin', 0):.3f}; exact-match {em_dpo:.0%}")
     summary = {"em_base": em_base, "em_sft": em_sft, "em_dpo": em_dpo,
                "sft_eval": sft.eval_history, "dpo_eval": dpo.eval_history}
-    print(f"[demo] done in {time.time() - t0:.0f}s. Outputs: {out}/sft and {out}/dpo (config.yaml, "
+    from bipost.demo.compare import run_compare_demo
+
+    summary["compare"] = run_compare_demo(out / "compare", sft.final_dir, quick=quick)
+    print(f"[demo] done in {time.time() - t0:.0f}s. Outputs: {out}/sft, {out}/dpo and {out}/compare (config.yaml, "
           f"metrics.jsonl, final/ loadable with transformers)")
     return summary

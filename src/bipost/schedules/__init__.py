@@ -1,6 +1,7 @@
 """Objective schedules: plug-in strategies, one small class each, selected by ``schedule.name``."""
 
 from bipost.schedules.alright import Alright
+from bipost.schedules.bilevel import Bilevel
 from bipost.schedules.base import Probe, Schedule, StepPlan
 from bipost.schedules.maxright import Maxright
 from bipost.schedules.simple import Mix, Sequential, Single
@@ -8,6 +9,8 @@ from bipost.schedules.simple import Mix, Sequential, Single
 SCHEDULES: dict[str, type[Schedule]] = {
     cls.name: cls for cls in (Single, Sequential, Mix, Alright, Maxright)
 }
+
+SCHEDULES[Bilevel.name] = Bilevel  # the data selector's schedule (bipost.selector)
 
 
 def make_schedule(objectives, cfg, max_steps: int, steps_per_pass: dict[str, int] | None = None) -> Schedule:

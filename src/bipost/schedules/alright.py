@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from bipost.schedules.base import Schedule, StepPlan
@@ -10,8 +12,8 @@ from bipost.schedules.base import Schedule, StepPlan
 class Alright(Schedule):
     """Draws come from a dedicated ``torch.Generator`` seeded with ``schedule.seed`` whose state is
     checkpointed; every rank draws the same sequence (no global RNG is touched, so model dropout
-    or data order cannot shift it). With ``per_micro_step`` each micro-batch of the step is drawn
-    separately (the original implementation's behaviour with accumulation > 1)."""
+    or data order cannot shift it). With ``per_micro_step`` each micro-batch slot of the step is
+    drawn separately (the original implementation's behaviour with accumulation > 1)."""
 
     name = "alright"
 
@@ -19,7 +21,12 @@ class Alright(Schedule):
         super().__init__(objectives, cfg, max_steps, steps_per_pass)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.probs = torch.tensor([self.lambdas[n] for n in self.names], dtype=torch.float64)
-        self.accum = {o.name: o.batch_size // o.micro_batch_size for o in objectives}
+        first = objectives[0]
+        # Slots = the first objective's micro-batches per step *on one rank* (what the loop draws).
+        # Every launcher (torchrun, accelerate, deepspeed) exports WORLD_SIZE; the schedule only needs
+        # the number, so it does not reach for torch.distributed (the engine owns that).
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.slots = max(1, (first.batch_size or 1) // world // (first.micro_batch_size or 1))
 
     def draw(self) -> str:
         return self.names[int(torch.multinomial(self.probs, 1, generator=self.gen))]
@@ -27,14 +34,13 @@ class Alright(Schedule):
     def plan(self, step, probe):
         if not self.cfg.per_micro_step:
             return StepPlan({self.draw(): 1.0})
-        # Per-micro-step: as many draws as the step has micro-batch slots (the first objective's
-        # accumulation count); each objective's weight is its share of the slots.
-        slots = self.accum[self.names[0]]
+        # Per-micro-step: one draw per slot; each objective's weight is its share of the slots, so
+        # the step minimizes sum_i (slots_i / slots) f_i over the drawn micro-batches.
         counts: dict[str, int] = {}
-        for _ in range(slots):
+        for _ in range(self.slots):
             n = self.draw()
             counts[n] = counts.get(n, 0) + 1
-        return StepPlan({n: c / slots for n, c in counts.items()}, micro_batches=counts)
+        return StepPlan({n: c / self.slots for n, c in counts.items()}, micro_batches=counts)
 
     def state_dict(self):
         return {"generator": self.gen.get_state()}

@@ -1,0 +1,298 @@
+"""Run several schedules on one config and one step budget, then plot and tabulate them.
+
+``run_compare``: every method (default sequential, mix, alright, maxright) trains the same
+objectives from the same model for the same number of optimizer steps, each in its own
+``<out>/<method>/`` run directory; their held-out trajectories go into ``loss_space.png`` and
+their final losses and costs into ``compare.md`` / ``compare.json``.
+
+``run_sweep``: the same for each lambda of a list (two objectives), giving each method's
+trade-off front: ``sweep.png``, ``sweep.md``, ``sweep.json``.
+
+The ideal point (f_1*, f_2*, ...) comes from ``objectives[i].optimum`` when the config gives it;
+with ``ideal=True`` the missing ones are measured by training each objective alone for the same
+budget (``<out>/ideal-<name>/``), f_i* being its best held-out loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Sequence
+
+from bipost.config import RunConfig
+from bipost.configio import ConfigError, validate
+from bipost.report.loss_space import plot_fronts, plot_trajectories
+from bipost.report.tables import comparison_rows, markdown, write_json
+
+METHODS = ("sequential", "mix", "alright", "maxright")
+"""The bi-objective schedules compared by default, in plotting order."""
+
+
+@dataclass
+class MethodResult:
+    """What one method's run produced (from :class:`bipost.train.loop.RunResult`)."""
+
+    method: str
+    output_dir: Path
+    steps: int
+    wall_time: float
+    tokens: int
+    ran: dict[str, int]
+    """Optimizer steps in which each objective took part."""
+    eval_history: list[dict] = field(default_factory=list)
+    """Held-out loss of every objective at every evaluation (``{"step", name: loss}``)."""
+    stopped_early: str | None = None
+    lam: float | None = None
+    """Weight of the first objective (sweeps)."""
+
+    @property
+    def final(self) -> dict[str, float]:
+        """Held-out losses at the last evaluation."""
+        last = self.eval_history[-1] if self.eval_history else {}
+        return {k: v for k, v in last.items() if k != "step"}
+
+    def best(self, name: str) -> float | None:
+        values = [e[name] for e in self.eval_history if name in e]
+        return min(values) if values else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "lambda": self.lam, "output_dir": str(self.output_dir), "steps": self.steps,
+                "wall_time_s": self.wall_time, "tokens": self.tokens, "ran": self.ran,
+                "stopped_early": self.stopped_early, "trajectory": self.eval_history}
+
+
+def is_main() -> bool:
+    # Every launcher exports RANK; reading it sets up nothing (the engine owns the process group).
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(msg: str) -> None:
+    if is_main():
+        print(msg, flush=True)
+
+
+def check_comparable(cfg: RunConfig) -> None:
+    """A comparison needs two or more objectives, each with held-out data to draw its trajectory."""
+    if len(cfg.objectives) < 2:
+        raise ConfigError(f"compare/sweep need two or more objectives; the config has {len(cfg.objectives)}")
+    for i, o in enumerate(cfg.objectives):
+        if not o.data.eval_split and not o.data.eval_fraction:
+            raise ConfigError(
+                f"compare/sweep plot held-out losses: objective {o.name} has no eval data; set "
+                f"objectives.{i}.data.eval_fraction (e.g. 0.05) or objectives.{i}.data.eval_split")
+
+
+def resolve_budget(cfg: RunConfig) -> int:
+    """The shared step budget (``train.max_steps``, else the loop's epochs rule on the loaded data),
+    fixed before any method runs so every method and every lambda gets exactly the same."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    from bipost.data import load_objective_data
+    from bipost.models import load_tokenizer
+    from bipost.train.setup import step_budget
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
+    runs = {o.name: SimpleNamespace(cfg=o, train=load_objective_data(o.data, o.kind, tokenizer).train)
+            for o in cfg.objectives}
+    return step_budget(cfg, runs)  # type: ignore[arg-type]
+
+
+def _prepared(cfg: RunConfig, budget: int) -> RunConfig:
+    cfg = copy.deepcopy(cfg)
+    cfg.train.max_steps = budget
+    if not cfg.train.eval_steps:
+        cfg.train.eval_steps = max(1, budget // 10)
+    cfg.train.resume = False
+    return cfg
+
+
+def run_method(cfg: RunConfig, method: str, out: Path, lam: float | None = None) -> MethodResult:
+    """Train ``cfg`` with schedule ``method`` into ``out`` (through the one loop)."""
+    from bipost.train.loop import train
+
+    cfg = copy.deepcopy(cfg)
+    cfg.schedule.name = method
+    cfg.train.output_dir = str(out)
+    validate(cfg)
+    result = train(cfg)
+    ran: dict[str, int] = {o.name: 0 for o in cfg.objectives}
+    for rec in result.train_losses:
+        for n in rec["ran"]:
+            ran[n] = ran.get(n, 0) + 1
+    return MethodResult(method, Path(result.output_dir), len(result.train_losses), result.wall_time, result.tokens,
+                        ran, list(result.eval_history), result.stopped_early, lam)
+
+
+def ideal_point(cfg: RunConfig, out: Path, measure: bool,
+                tag: str = "compare") -> tuple[dict[str, float | None], list[MethodResult]]:
+    """f_i* per objective: the configured optimum, else (``measure``) the best held-out loss of a
+    run of that objective alone on the same budget, else None."""
+    ideal: dict[str, float | None] = {o.name: o.optimum for o in cfg.objectives}
+    runs = []
+    for o in cfg.objectives:
+        if ideal[o.name] is not None or not measure:
+            continue
+        single = copy.deepcopy(cfg)
+        single.objectives = [copy.deepcopy(o)]
+        single.objectives[0].weight = 1.0
+        single.schedule.name = "single"
+        _say(f"[{tag}] ideal point: training {o.name} alone -> {out / f'ideal-{o.name}'}")
+        r = run_method(single, "single", out / f"ideal-{o.name}")
+        r.method = f"{o.name} alone"
+        ideal[o.name] = r.best(o.name)
+        runs.append(r)
+    return ideal, runs
+
+
+def _methods(methods: Sequence[str] | None) -> list[str]:
+    from bipost.schedules import SCHEDULES
+
+    chosen = list(methods or METHODS)
+    bad = [m for m in chosen if m not in SCHEDULES or m == "single"]
+    if bad:
+        raise ConfigError(f"unknown method(s) {bad}; choose from {sorted(set(SCHEDULES) - {'single'})}")
+    return chosen
+
+
+def _lambdas_text(cfg: RunConfig) -> str:
+    return ", ".join(f"{o.name} {o.weight:.2g}" for o in cfg.objectives)
+
+
+@dataclass
+class Comparison:
+    names: list[str]
+    budget: int
+    results: list[MethodResult]
+    ideal: dict[str, float | None]
+    ideal_runs: list[MethodResult]
+    plot: Path
+    table_md: Path
+    table_json: Path
+    rows: list[dict]
+
+
+def run_compare(cfg: RunConfig, out: str | Path, methods: Sequence[str] | None = None,
+                ideal: bool = False) -> Comparison:
+    """Train every method on ``cfg`` with one budget; write ``loss_space.png``, ``compare.md`` and
+    ``compare.json`` into ``out``."""
+    check_comparable(cfg)
+    chosen = _methods(methods)
+    out = Path(out)
+    budget = resolve_budget(cfg)
+    base = _prepared(cfg, budget)
+    names = [o.name for o in base.objectives]
+    _say(f"[compare] {len(chosen)} methods x {budget} steps, lambda: {_lambdas_text(base)}; "
+         f"held-out losses every {base.train.eval_steps} steps")
+    results = []
+    for i, m in enumerate(chosen, 1):
+        _say(f"[compare] {i}/{len(chosen)}: {m} -> {out / m}")
+        results.append(run_method(base, m, out / m))
+    f_star, ideal_runs = ideal_point(base, out, ideal)
+    rows = comparison_rows(results, names, f_star)
+    plot = out / "loss_space.png"
+    table_md, table_json = out / "compare.md", out / "compare.json"
+    if is_main():
+        labels = {r["method"]: _legend(r) for r in rows}
+        title = (f"Loss space: {' + '.join(names)} (λ: {_lambdas_text(base)})\n"
+                 f"held-out losses every {base.train.eval_steps} of {budget} steps; arrows point the way training went")
+        plot_trajectories({r.method: r.eval_history for r in results}, names, plot, f_star, labels, title,
+                          marks={"sequential": _stage_marks(base, budget)})
+        table_md.write_text(_header(_lambdas_text(base), budget, f_star, ideal) + "\n" + markdown(rows, names))
+        write_json(table_json, {"objectives": names, "weights": {o.name: o.weight for o in base.objectives},
+                                "budget_steps": budget, "ideal": f_star, "rows": rows,
+                                "runs": [r.to_json() for r in results],
+                                "ideal_runs": [r.to_json() for r in ideal_runs]})
+    return Comparison(names, budget, results, f_star, ideal_runs, plot, table_md, table_json, rows)
+
+
+def _stage_marks(cfg: RunConfig, budget: int) -> list[tuple[int, str]]:
+    """Where the sequential schedule switches objective (its stage boundaries), for the plot."""
+    from bipost.schedules.simple import Sequential
+
+    ends = Sequential(cfg.objectives, cfg.schedule, budget).boundaries()
+    return [(end, f"sequential: {cfg.objectives[i].name} → {cfg.objectives[i + 1].name}")
+            for i, end in enumerate(ends[:-1])]
+
+
+def _legend(row: dict) -> str:
+    cost = row.get("time_vs_sequential")
+    return row["method"] + (f"  ({cost:.2f}× seq. time)" if cost is not None else "")
+
+
+def _header(lambdas: str, budget: int, ideal: dict, measured: bool) -> str:
+    src = ("config optimum" if not measured else "config optimum, else best held-out loss of the objective "
+           "trained alone on the same budget")
+    known = ", ".join(f"{n} {v:.4f}" for n, v in ideal.items() if v is not None) or "unknown"
+    return (f"Budget: {budget} optimizer steps per method. λ: {lambdas}. "
+            f"Ideal point ({src}): {known}.\n"
+            f"Final losses are held-out losses at the last evaluation; wall time counts training steps only.\n")
+
+
+@dataclass
+class Sweep:
+    names: list[str]
+    budget: int
+    lambdas: list[float]
+    results: list[MethodResult]
+    ideal: dict[str, float | None]
+    plot: Path
+    table_md: Path
+    table_json: Path
+    rows: list[dict]
+
+
+def run_sweep(cfg: RunConfig, lambdas: Sequence[float], out: str | Path, methods: Sequence[str] | None = None,
+              ideal: bool = False) -> Sweep:
+    """For each lambda (weight of the first objective; the second gets 1 - lambda) train every
+    method; plot each method's front of final losses and tabulate them."""
+    check_comparable(cfg)
+    if len(cfg.objectives) != 2:
+        raise ConfigError(f"sweep traces two-objective fronts; the config has {len(cfg.objectives)} objectives")
+    bad = [x for x in lambdas if not 0.0 <= x <= 1.0]
+    if bad or not lambdas:
+        raise ConfigError(f"--lambdas must be numbers in [0, 1], got {list(lambdas)}")
+    chosen = _methods(methods)
+    out = Path(out)
+    budget = resolve_budget(cfg)
+    base = _prepared(cfg, budget)
+    names = [o.name for o in base.objectives]
+    total = len(lambdas) * len(chosen)
+    results: list[MethodResult] = []
+    t0 = time.time()
+    for lam in lambdas:
+        run_cfg = copy.deepcopy(base)
+        run_cfg.objectives[0].weight, run_cfg.objectives[1].weight = lam, 1.0 - lam
+        for m in chosen:
+            _say(f"[sweep] {len(results) + 1}/{total}: λ={lam:g} {m} -> {out / f'lambda-{lam:g}' / m}")
+            results.append(run_method(run_cfg, m, out / f"lambda-{lam:g}" / m, lam=lam))
+    f_star, _ = ideal_point(base, out, ideal, tag="sweep")
+    rows: list[dict] = []
+    for lam in lambdas:
+        rows += comparison_rows([r for r in results if r.lam == lam], names, f_star)
+    plot, table_md, table_json = out / "sweep.png", out / "sweep.md", out / "sweep.json"
+    if is_main():
+        fronts: dict[str, list] = {m: [(r.lam, r.final) for r in results if r.method == m] for m in chosen}
+        plot_fronts(fronts, names, plot, f_star,
+                    title=f"Trade-off fronts: {' + '.join(names)}\nfinal held-out losses after {budget} steps, "
+                          f"one point per λ")
+        table_md.write_text(_header(f"{list(lambdas)} (weight of {names[0]})", budget, f_star, ideal)
+                            + "\n" + markdown(rows, names))
+        write_json(table_json, {"objectives": names, "budget_steps": budget, "lambdas": list(lambdas),
+                                "ideal": f_star, "rows": rows, "runs": [r.to_json() for r in results],
+                                "wall_time_total_s": time.time() - t0})
+    return Sweep(names, budget, list(lambdas), results, f_star, plot, table_md, table_json, rows)
+
+
+def parse_lambdas(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.replace(" ", ",").split(",") if x]
+    except ValueError:
+        raise ConfigError(f"--lambdas takes comma-separated numbers, got {text!r}") from None
+    if any(math.isnan(v) for v in values):
+        raise ConfigError(f"--lambdas: not a number in {text!r}")
+    return values
