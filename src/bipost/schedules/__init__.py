@@ -13,8 +13,9 @@ SCHEDULES: dict[str, type[Schedule]] = {
 SCHEDULES[Bilevel.name] = Bilevel  # the data selector's schedule (bipost.selector)
 
 
-def make_schedule(objectives, cfg, max_steps: int, steps_per_pass: dict[str, int] | None = None) -> Schedule:
-    return SCHEDULES[cfg.name](objectives, cfg, max_steps, steps_per_pass)
+def make_schedule(objectives, cfg, max_steps: int, steps_per_pass: dict[str, int] | None = None,
+                  accum: dict[str, int] | None = None) -> Schedule:
+    return SCHEDULES[cfg.name](objectives, cfg, max_steps, steps_per_pass=steps_per_pass, accum=accum)
 
 
 __all__ = ["SCHEDULES", "Probe", "Schedule", "StepPlan", "make_schedule"]

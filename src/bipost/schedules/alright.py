@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from bipost.schedules.base import Schedule, StepPlan
@@ -17,16 +15,13 @@ class Alright(Schedule):
 
     name = "alright"
 
-    def __init__(self, objectives, cfg, max_steps, steps_per_pass=None):
-        super().__init__(objectives, cfg, max_steps, steps_per_pass)
+    def __init__(self, objectives, cfg, max_steps, **context):
+        super().__init__(objectives, cfg, max_steps, **context)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.probs = torch.tensor([self.lambdas[n] for n in self.names], dtype=torch.float64)
         first = objectives[0]
         # Slots = the first objective's micro-batches per step *on one rank* (what the loop draws).
-        # Every launcher (torchrun, accelerate, deepspeed) exports WORLD_SIZE; the schedule only needs
-        # the number, so it does not reach for torch.distributed (the engine owns that).
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.slots = max(1, (first.batch_size or 1) // world // (first.micro_batch_size or 1))
+        self.slots = self.accum.get(first.name) or max(1, (first.batch_size or 1) // (first.micro_batch_size or 1))
 
     def draw(self) -> str:
         return self.names[int(torch.multinomial(self.probs, 1, generator=self.gen))]

@@ -31,9 +31,11 @@ class Schedule:
     name = "base"
 
     def __init__(self, objectives: list[ObjectiveConfig], cfg: ScheduleConfig, max_steps: int,
-                 steps_per_pass: dict[str, int] | None = None):
+                 steps_per_pass: dict[str, int] | None = None, accum: dict[str, int] | None = None):
         self.steps_per_pass = steps_per_pass or {}
         """Optimizer steps one pass over each objective's data takes (for epoch-based schedules)."""
+        self.accum = accum or {}
+        """Micro-batches per optimizer step on one rank, per objective (what the loop draws)."""
         self.names = [o.name for o in objectives]
         self.lambdas = {o.name: o.weight for o in objectives}
         self.objectives = {o.name: o for o in objectives}

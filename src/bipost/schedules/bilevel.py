@@ -26,8 +26,8 @@ class Bilevel(Schedule):
 
     name = "bilevel"
 
-    def __init__(self, objectives, cfg, max_steps, steps_per_pass=None):
-        super().__init__(objectives, cfg, max_steps, steps_per_pass)
+    def __init__(self, objectives, cfg, max_steps, **context):
+        super().__init__(objectives, cfg, max_steps, **context)
         if len(self.names) != 2:
             raise ValueError(f"schedule 'bilevel' takes exactly two objectives (upper, lower); got {self.names}")
         self.upper, self.lower = self.names

@@ -45,8 +45,8 @@ EMA = 0.9
 class Maxright(Schedule):
     name = "maxright"
 
-    def __init__(self, objectives, cfg, max_steps, steps_per_pass=None):
-        super().__init__(objectives, cfg, max_steps, steps_per_pass)
+    def __init__(self, objectives, cfg, max_steps, **context):
+        super().__init__(objectives, cfg, max_steps, **context)
         self.f: dict[str, float] = {}
         """Stale loss of each objective (last observation or probe)."""
         self.level: dict[str, float] = {}

@@ -73,7 +73,8 @@ class Trainer:
         # step it once per rank).
         self.model, self.optimizer = self.engine.prepare(policy, optimizer)
         self.schedule = make_schedule(cfg.objectives, cfg.schedule, self.max_steps,
-                                      steps_per_pass=steps_per_pass(self.runs))
+                                      steps_per_pass=steps_per_pass(self.runs),
+                                      accum={n: r.accum for n, r in self.runs.items()})
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
