@@ -15,6 +15,14 @@ import pytest
 # Tests never reach the network: hub lookups fail fast instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The tiny test models gain nothing from a second thread, and on a shared 2-core machine a
+# descheduled OpenMP thread stalls every parallel region (steps got 10-30x slower under load).
+# Subprocesses (CLI, torchrun) inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def _tiny_texts() -> list[str]:
