@@ -17,7 +17,9 @@ def run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
-    print(f"[bipost] run directory: {result.output_dir}")
+    from bipost.cli.common import print_main
+
+    print_main(f"[bipost] run directory: {result.output_dir}")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Callable
 
 
 def setup_process() -> None:
@@ -19,6 +20,27 @@ def setup_process() -> None:
         transformers.utils.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+
+
+def print_main(*args, **kwargs) -> None:
+    """Print once per run, not once per rank (every launcher sets RANK)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def run_guarded(prog: str, fn: Callable[[], int]) -> int:
+    """Run a command; a user error (bad config, bad data, occupied output dir) becomes a one-line
+    message and exit code 2 instead of a traceback. Distributed runs end via finish_distributed."""
+    from bipost.configio import ConfigError
+    from bipost.data import DataError
+
+    try:
+        code = fn()
+    except (ConfigError, DataError, FileExistsError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        code = 2
+    finish_distributed(code)
+    return code
 
 
 def finish_distributed(code: int = 0) -> None:

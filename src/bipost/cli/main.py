@@ -7,7 +7,7 @@ import importlib
 import importlib.util
 import sys
 
-from bipost.cli.common import finish_distributed, setup_process
+from bipost.cli.common import run_guarded, setup_process
 
 COMMANDS = ["train", "demo", "compare", "select"]
 """Modules ``bipost.cli.cmd_<name>``; each registers one or more sub-commands."""
@@ -36,16 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 0
-    from bipost.configio import ConfigError
-    from bipost.data import DataError
-
-    try:
-        code = args.func(args)
-    except (ConfigError, DataError, FileExistsError) as e:
-        print(f"bipost: error: {e}", file=sys.stderr)
-        code = 2
-    finish_distributed(code)
-    return code
+    return run_guarded("bipost", lambda: args.func(args))
 
 
 if __name__ == "__main__":

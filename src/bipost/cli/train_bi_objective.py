@@ -456,7 +456,7 @@ def _wandb_environment(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bipost.cli.common import finish_distributed, setup_process
+    from bipost.cli.common import print_main, run_guarded, setup_process
 
     setup_process()
     parser = build_parser()
@@ -472,19 +472,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _wandb_environment(args)
 
-    from bipost.data import DataError
     from bipost.train.loop import train
 
-    try:
+    def run() -> int:
         result = train(cfg)
-        code = 0
-        if int(os.environ.get("RANK", "0")) == 0:  # every launcher sets RANK; one line per run, not per rank
-            print(f"[bipost] run directory: {result.output_dir}", flush=True)
-    except (ConfigError, DataError, FileExistsError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        code = 2
-    finish_distributed(code)
-    return code
+        print_main(f"[bipost] run directory: {result.output_dir}")
+        return 0
+
+    return run_guarded(PROG, run)
 
 
 if __name__ == "__main__":

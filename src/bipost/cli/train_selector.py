@@ -37,7 +37,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bipost.cli.common import finish_distributed, setup_process
+from bipost.cli.common import print_main, run_guarded, setup_process
 
 OBJECTIVES = {"SFT": "sft", "DPO": "dpo"}
 
@@ -164,22 +164,16 @@ def to_config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     setup_process()
     args = build_parser().parse_args(argv)
-    from bipost.configio import ConfigError
-    from bipost.data import DataError
-
-    try:
+    def run() -> int:
         cfg = to_config(args)
         from bipost.train.loop import train
 
         result = train(cfg)
-        print(f"[train_selector] run directory: {result.output_dir}; weights: "
-              f"{result.output_dir / cfg.selector.name}")
-        code = 0
-    except (ConfigError, DataError, FileExistsError) as e:
-        print(f"train_selector: error: {e}", file=sys.stderr)
-        code = 2
-    finish_distributed(code)
-    return code
+        print_main(f"[train_selector] run directory: {result.output_dir}; weights: "
+                   f"{result.output_dir / cfg.selector.name}")
+        return 0
+
+    return run_guarded("train_selector", run)
 
 
 if __name__ == "__main__":
