@@ -24,7 +24,9 @@ class StepPlan:
     micro_batches: dict[str, int] | None = None
     """Objective name -> micro-batches to draw this step; None: each objective's accumulation count."""
     probed: dict[str, float] = field(default_factory=dict)
-    """No-grad losses measured while planning (logged)."""
+    """No-grad losses measured while planning (logged as ``probe/<name>``)."""
+    info: dict[str, float] = field(default_factory=dict)
+    """The schedule's own diagnostics (logged as ``schedule/<key>``), e.g. MAXRIGHT's gaps."""
 
 
 class Schedule:

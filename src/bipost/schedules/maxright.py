@@ -93,7 +93,9 @@ class Maxright(Schedule):
         top = max(gaps[n] for n in candidates)
         tied = [n for n in candidates if gaps[n] >= top - 1e-12]
         pick = min(tied, key=lambda n: self.runs[n] / self.lambdas[n])  # lambda-balanced tie break
-        return StepPlan({pick: 1.0}, probed=probed)
+        info = {f"gap/{n}": g for n, g in gaps.items()}
+        info.update({f"f_star/{n}": self.optimum(n) for n in self.names})
+        return StepPlan({pick: 1.0}, probed=probed, info=info)
 
     def observe(self, step, losses):
         for n, v in losses.items():

@@ -191,6 +191,7 @@ class Trainer:
         rec = {"step": step + 1, "ran": names, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
         rec.update({f"loss/{n}": v for n, v in losses.items()})
         rec.update({f"probe/{n}": v for n, v in plan.probed.items()})
+        rec.update({f"schedule/{k}": v for k, v in plan.info.items()})
         off = len(names) + 1
         for j, k in enumerate(keys):
             s, c = flat[off + 2 * j], flat[off + 2 * j + 1]
