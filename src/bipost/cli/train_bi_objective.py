@@ -350,16 +350,6 @@ def _attn(flash: bool) -> str:
     return "flash_attention_2"
 
 
-def _zero_stage(stage: int) -> int:
-    """The seeds always ran DeepSpeed; here ZeRO needs the optional package. Without it a seed line
-    still runs (DDP, or one device), with a warning instead of an import error deep in the engine."""
-    if stage > 0 and not _installed("deepspeed"):
-        log.warning("--zero_stage %d: DeepSpeed is not installed (pip install 'bipost[deepspeed]'); "
-                    "running without ZeRO", stage)
-        return 0
-    return stage
-
-
 def _ref_pareto(args) -> list[list[float]]:
     p1, p2 = _floats(args.ref_pareto_1, "--ref_pareto_1"), _floats(args.ref_pareto_2, "--ref_pareto_2")
     if len(p1) != len(p2):
@@ -424,7 +414,7 @@ def config_dict(args) -> dict:
             "early_stop_eps": args.eps if args.eps is not None and None not in optima else None,
             "ref_pareto": pareto,
         },
-        "dist": {"zero_stage": _zero_stage(args.zero_stage), "offload_optimizer": args.adam_offload,
+        "dist": {"zero_stage": args.zero_stage, "offload_optimizer": args.adam_offload,
                  "offload_reference": args.ref_offload or args.ref_offload_2,
                  "zero_hpz_partition_size": args.zpg},
     }

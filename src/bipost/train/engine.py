@@ -60,10 +60,26 @@ def accelerate_config_backend() -> str | None:
     return None
 
 
+def _deepspeed_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 def resolve_backend(dist: DistConfig) -> str:
-    """``dist.backend`` with ``auto`` resolved: deepspeed (zero_stage > 0) | fsdp2 | ddp."""
+    """``dist.backend`` with ``auto`` resolved: deepspeed (zero_stage > 0) | fsdp2 | ddp.
+
+    DeepSpeed is an optional extra. The seeds' command lines always pass ``--zero_stage``, so with
+    ``auto`` a missing DeepSpeed means DDP (or one device) and a warning; asking for
+    ``dist.backend=deepspeed`` explicitly without it is an error."""
     if dist.backend == "auto":
+        if dist.zero_stage > 0 and not _deepspeed_installed():
+            log.warning("dist.zero_stage=%d: DeepSpeed is not installed (pip install 'bipost[deepspeed]'); "
+                        "running without ZeRO", dist.zero_stage)
+            return "ddp"
         return "deepspeed" if dist.zero_stage > 0 else "ddp"
+    if dist.backend == "deepspeed" and not _deepspeed_installed():
+        raise ValueError("dist.backend=deepspeed needs DeepSpeed: pip install 'bipost[deepspeed]'")
     return dist.backend
 
 
