@@ -39,6 +39,8 @@ def overrides(*extra: str, kinds: tuple[str, ...] = ("sft", "dpo")) -> list[str]
             "train.save_steps=2", "train.batch_size=8", "train.micro_batch_size=4", "optim.lr=1e-3"]
     for i, k in enumerate(kinds):
         base += [f"objectives.{i}.kind={k}", f"objectives.{i}.data.path={data[k]}", f"objectives.{i}.data.max_len=64"]
+        if k == "kd":
+            base.append(f"objectives.{i}.teacher={ws / 'teacher'}")
     return base + list(extra)
 
 
@@ -85,12 +87,13 @@ def test_ddp_two_ranks_equal_one_rank_alright_lora(tmp_path):
 
 
 def test_fsdp2_two_ranks_equal_one_rank_maxright_sharded_reference(tmp_path):
-    """FSDP2 (torch fully_shard through accelerate), MAXRIGHT over SFT + DPO, full fine-tuning with a
-    sharded frozen reference. Evaluation is uneven (5 held-out rows, eval batches of 2: rank 0 runs
+    """FSDP2 (torch fully_shard through accelerate), MAXRIGHT over SFT + DPO + KD, full fine-tuning
+    with a sharded frozen reference and teacher (KD on the chunked head path). Evaluation is uneven (5 held-out rows, eval batches of 2: rank 0 runs
     2 batches, rank 1 one plus an uncounted filler) and equals the one-rank evaluation. The
     checkpoint's optimizer is in per-rank DCP files; the final HF export is gathered."""
     args = overrides("schedule.name=maxright", "schedule.max_eval_steps=2", "objectives.0.data.eval_fraction=0.125",
-                     "objectives.0.data.max_eval_samples=5", "train.eval_batch_size=2")
+                     "objectives.0.data.max_eval_samples=5", "train.eval_batch_size=2",
+                     kinds=("sft", "dpo", "kd"))
     ranks = launch(tmp_path / "fsdp2", args + ["dist.backend=fsdp2"])
     single = train(load_config(overrides=args + [f"train.output_dir={tmp_path / 'one'}"]))
     check_equivalent(ranks, single, "fsdp2", "FSDP")

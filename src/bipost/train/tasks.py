@@ -179,6 +179,17 @@ def _head(model):
     return head, weight
 
 
+def _head_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The output head as a function of hidden states. A plain Linear head is applied through its
+    (gathered) weight, never as a module: under FSDP2 a module call inside a checkpointed chunk
+    would re-enter FSDP's hooks during the backward's recompute."""
+    head, weight = _head(model)
+    if isinstance(head, torch.nn.Linear):
+        bias = head.bias
+        return lambda h: torch.nn.functional.linear(h, weight, bias)
+    return head
+
+
 def resolve_mode(model, opts: ForwardOptions, device: torch.device) -> str:
     base = _unwrap(model)
     if opts.logits == "plain" or not _head_is_linear_map(base) or _head_is_partitioned(base):
@@ -339,9 +350,10 @@ class KDTask(Task):
             ht = ht.reshape(-1, ht.shape[-1])[pos.index]
         hs = forward_hidden(model, batch)
         hs = hs.reshape(-1, hs.shape[-1])[pos.index]
-        s_head, t_head = _head(model)[0], _head(self.teacher)[0]
-        chunk = self.fwd.chunk_size or auto_chunk_size(s_head.weight.shape[0])
-        return chunked_kd_loss(hs, ht, s_head, t_head, pos.seq, pos.num_seqs, chunk_size=chunk, **kw)
+        vocab = _head(model)[1].shape[0]
+        chunk = self.fwd.chunk_size or auto_chunk_size(vocab)
+        return chunked_kd_loss(hs, ht, _head_fn(model), _head_fn(self.teacher), pos.seq, pos.num_seqs,
+                               chunk_size=chunk, **kw)
 
 
 TASKS: dict[str, type[Task]] = {"sft": SFTTask, "dpo": DPOTask, "kd": KDTask}
