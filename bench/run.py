@@ -385,6 +385,9 @@ def configs(preset: str, only: set[str] | None) -> list[dict]:
         if real:  # fixed lengths have no padding to drop
             specs += [dict(b, name=f"bipost-sft-padded/{data}", kinds=["sft"], packing=False)]
         specs += [dict(b, name=f"bipost-dpo/{data}", kinds=["dpo"])]
+        if gpu:  # auto picks Liger's fused loss on a GPU; the own chunked path, side by side
+            specs += [dict(b, name=f"bipost-sft-chunked/{data}", kinds=["sft"], logits="chunked"),
+                      dict(b, name=f"bipost-dpo-chunked/{data}", kinds=["dpo"], logits="chunked")]
         if real:
             specs += [dict(b, name=f"bipost-dpo-online-ref/{data}", kinds=["dpo"], cache=False)]
         if real:
@@ -628,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             res = {"name": spec["name"], "error": f"timeout after {a.timeout}s"}
         results.append(res)
+        # After every config, as --inproc does: a run stopped at a device-time limit keeps what it measured.
+        (out / f"results-{preset}.json").write_text(json.dumps({"partial": True, "results": results}))
         msg = res.get("error") or f"{res['tokens_per_s']:,.0f} tok/s, peak {res['peak']:,.2f} {res['peak_unit']}"
         print(f"[{time.perf_counter() - t0:6.1f}s] {spec['name']}: {msg}", flush=True)
     trl_v = __import__("trl").__version__ if have_trl else "not installed"
