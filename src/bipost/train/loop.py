@@ -152,7 +152,10 @@ class Trainer:
         units = self.engine.all_reduce_sum(torch.tensor([c[0] for c in counts], dtype=torch.float64))
         world = self.engine.world_size
         total_micro = sum(len(b) for b in batches.values())
-        sums = torch.zeros(len(names), dtype=torch.float64)
+        # Sums stay on the device until the step's single all-reduce: a .cpu()/float() per
+        # micro-batch would stall the host on every forward (measured as a fixed per-step cost on GPU).
+        dev = self.engine.device
+        sums = torch.zeros(len(names), dtype=torch.float64, device=dev)
         metric_sums: dict[str, torch.Tensor] = {}
         micro = 0
         for i, name in enumerate(names):
@@ -167,11 +170,12 @@ class Trainer:
                     for hook in self.hooks:
                         out = hook.transform(name, batch, out)
                     self.engine.backward(out.losses.sum() * scale)
-                sums[i] += out.losses.detach().double().sum().cpu()
+                sums[i] += out.losses.detach().double().sum()
                 for k, v in out.metrics.items():
                     key = f"{name}/{k}"
-                    metric_sums[key] = metric_sums.get(key, torch.zeros(2, dtype=torch.float64)) + torch.tensor(
-                        [float(v.double().sum()), v.numel()], dtype=torch.float64)
+                    pair = torch.stack([v.detach().double().sum(),
+                                        torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device)])
+                    metric_sums[key] = metric_sums.get(key, 0) + pair.to(dev)
         grad_norm = self.engine.clip_grad_norm(self.model, self.cfg.optim.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -179,7 +183,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         keys = sorted(metric_sums)
-        flat = torch.cat([sums, torch.tensor([float(sum(c[1] for c in counts))], dtype=torch.float64)]
+        flat = torch.cat([sums, torch.tensor([float(sum(c[1] for c in counts))], dtype=torch.float64, device=dev)]
                          + [metric_sums[k] for k in keys])
         flat = self.engine.all_reduce_sum(flat).cpu()
         losses = {n: float(flat[i] / max(float(units[i]), 1.0)) for i, n in enumerate(names)}
