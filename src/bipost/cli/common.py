@@ -12,7 +12,9 @@ def setup_process() -> None:
     """Quiet library chatter, log bipost's own INFO lines."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(format="%(message)s", level=logging.WARNING, stream=sys.stderr)
-    logging.getLogger("bipost").setLevel(logging.INFO)
+    # Data summaries and progress notes once per run, not once per rank (every launcher sets RANK).
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    logging.getLogger("bipost").setLevel(logging.INFO if main_rank else logging.WARNING)
     try:
         import transformers
 
