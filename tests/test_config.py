@@ -91,3 +91,14 @@ def test_cli_reports_config_errors_with_exit_code_2(capsys):
 
     assert main(["train", "model.path=m", "objectives.0.kind=sft"]) == 2
     assert "objectives.0.data.path is required" in capsys.readouterr().err
+
+
+def test_shipped_configs_validate():
+    """Every example config in configs/ (not the accelerate ones) is a valid RunConfig."""
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(f)
