@@ -9,8 +9,8 @@ The forward path never materialises full-vocabulary fp32 logits (``train.logits`
 1. the model runs with ``logits_to_keep=1`` and a hook takes the decoder's final hidden states;
 2. only the positions that predict a response token are kept (``logp_index`` of a packed batch,
    or the shifted ``labels`` of a padded one: ``objectives.chunked.response_targets``);
-3. their log-probs come from the lm_head in chunks (``objectives.chunked``), or from Liger's
-   fused linear cross-entropy on a GPU.
+3. their log-probs come from the lm_head in chunks (``objectives.chunked``; what ``auto`` picks),
+   or, with ``train.logits=liger``, from Liger's fused linear cross-entropy on a GPU.
 
 ``plain`` (full logits, then the reference functions of ``objectives.logprobs``/``kd``) remains
 for models whose head does more than a linear map (logit soft-capping or scaling).
