@@ -74,7 +74,7 @@ class PackedLayout:
             return self._device_cache[device]
         plain = [(q0, q1) for q0, q1, p0, p1 in self.segments if p1 <= p0]
         pref = [(q0, q1, p0, p1) for q0, q1, p0, p1 in self.segments if p1 > p0]
-        args: dict = {}
+        args: dict = {"split": self.split}
         if plain:
             lens = torch.tensor([q1 - q0 for q0, q1 in plain])
             args["plain"] = (_cumsum32(lens).to(device, non_blocking=True), int(lens.max()))
