@@ -83,7 +83,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Allow model code from the hub."""
     compile: bool = False
-    """torch.compile every decoder layer of the policy (dynamic shapes; the first steps are slow while it compiles; packed attention itself stays eager)."""
+    """torch.compile every decoder layer of the policy (dynamic shapes; the first steps are slow while it compiles) and fuse the lm_head chunks' elementwise work. Packed rows keep their attention inside the compiled layer where the varlen kernel runs (CUDA, half precision); the per-segment SDPA fallback stays eager."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA settings."""
 
@@ -208,6 +208,8 @@ class TrainConfig:
     """Reference Pareto points (one loss per objective each): stop at an evaluation whose held-out losses dominate one of them."""
     packing: bool = False
     """Padding-free packing: each micro-batch is one row of its sequences laid end to end (DPO: each prompt once, shared by chosen and rejected); attention never crosses sequences. Needs attn_implementation sdpa or flash_attention_2."""
+    prefetch: int = 1
+    """Micro-batches each objective collates ahead in a background thread, so collation overlaps the GPU's work (0: collate in the training thread). Batches and resume state are the same either way."""
     logits: str = "auto"
     """How response log-probs come from hidden states: chunked (never holds full-vocabulary fp32 logits) | liger (Liger-Kernel fused linear cross-entropy, GPU) | plain (full logits, the reference path) | auto (chunked, measured faster than liger on an H100; plain for models with logit soft-capping or scaling)."""
     logits_chunk_size: int = 0

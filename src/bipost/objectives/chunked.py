@@ -110,26 +110,52 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(h, weight, bias).float()
 
 
+# The two elementwise halves of a chunk, written once; LinearLogProbs runs them eagerly or, with
+# ``compiled=True``, through torch.compile, which fuses each into one kernel that reads the
+# half-precision logits once (eagerly, each step materialises a [chunk, V] fp32 tensor).
+def _pick_and_lse(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    return z.gather(1, targets[:, None]).squeeze(1) - lse, lse
+
+
+def _grad_logits(logits: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``g * (onehot(targets) - softmax(logits))`` in the logits' dtype."""
+    z = logits.float()
+    cols = torch.arange(z.shape[1], device=z.device)
+    dz = g[:, None] * ((cols[None, :] == targets[:, None]).float() - torch.exp(z - lse[:, None]))
+    return dz.to(logits.dtype)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn: Callable) -> Callable:
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
 class LinearLogProbs(torch.autograd.Function):
     """``log_softmax(hidden @ weight.T + bias)[i, targets[i]]`` in chunks of positions.
 
     Forward keeps, per position, only the logsumexp; backward recomputes each chunk's logits,
-    turns them into ``g * (onehot - softmax)`` in place and projects back, accumulating the
-    weight gradient in fp32. Peak extra memory: about two ``[chunk, V]`` fp32 buffers.
+    turns them into ``g * (onehot - softmax)`` and projects back, accumulating the weight
+    gradient in fp32. Peak extra memory: about two ``[chunk, V]`` fp32 buffers (eager), or a
+    half-precision logits and gradient buffer (``compiled``).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, compiled: bool):  # type: ignore[override]
         m = hidden.shape[0]
         out = torch.empty(m, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(m, dtype=torch.float32, device=hidden.device)
+        pick = _compiled(_pick_and_lse) if compiled else _pick_and_lse
         for s in range(0, m, chunk_size):
-            logits = _chunk_logits(hidden[s:s + chunk_size], weight, bias)
-            lse[s:s + chunk_size] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, targets[s:s + chunk_size, None]).squeeze(1)
-            out[s:s + chunk_size] = picked - lse[s:s + chunk_size]
+            logits = F.linear(hidden[s:s + chunk_size], weight, bias)
+            out[s:s + chunk_size], lse[s:s + chunk_size] = pick(logits, targets[s:s + chunk_size])
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.compiled = chunk_size, compiled
         return out
 
     @staticmethod
@@ -142,16 +168,22 @@ class LinearLogProbs(torch.autograd.Function):
         grad_out = grad_out.float()
         cs = ctx.chunk_size
         rows = torch.arange(min(cs, hidden.shape[0]), device=hidden.device)
+        grad_fn = _compiled(_grad_logits) if ctx.compiled else None
         for s in range(0, hidden.shape[0], cs):
             h = hidden[s:s + cs]
             g = grad_out[s:s + cs]
-            # d logp_i / d z_ij = 1[j = y_i] - softmax_ij; scaled by the upstream g_i. In place.
-            dz = _chunk_logits(h, weight, bias).sub_(lse[s:s + cs, None]).exp_().mul_(-g[:, None])
-            dz[rows[: h.shape[0]], targets[s:s + cs]] += g
-            if need_b:
-                grad_b += dz.sum(0)  # type: ignore[operator]
-            # Matmuls in the model's dtype (bf16 tensor cores on GPU), weight grad summed in fp32.
-            dz = dz.to(weight.dtype)
+            if grad_fn is not None:
+                dz = grad_fn(F.linear(h, weight, bias), lse[s:s + cs], g, targets[s:s + cs])
+                if need_b:
+                    grad_b += dz.float().sum(0)  # type: ignore[operator]
+            else:
+                # d logp_i / d z_ij = 1[j = y_i] - softmax_ij; scaled by the upstream g_i. In place.
+                dz = _chunk_logits(h, weight, bias).sub_(lse[s:s + cs, None]).exp_().mul_(-g[:, None])
+                dz[rows[: h.shape[0]], targets[s:s + cs]] += g
+                if need_b:
+                    grad_b += dz.sum(0)  # type: ignore[operator]
+                # Matmuls in the model's dtype (bf16 tensor cores on GPU), weight grad summed in fp32.
+                dz = dz.to(weight.dtype)
             if need_h:
                 grad_h[s:s + cs] = dz @ weight  # type: ignore[index]
             if need_w:
@@ -161,16 +193,17 @@ class LinearLogProbs(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                           bias: torch.Tensor | None = None, chunk_size: int = 0) -> torch.Tensor:
+                           bias: torch.Tensor | None = None, chunk_size: int = 0,
+                           compiled: bool = False) -> torch.Tensor:
     """Per-position log-prob ``[M]`` (fp32) of ``targets`` under a linear lm_head, chunked.
 
     Equals ``log_softmax(F.linear(hidden, weight, bias).float())[i, targets[i]]`` (values and
     gradients) without materialising the ``[M, V]`` logits; ``chunk_size=0`` picks
-    :func:`auto_chunk_size`.
+    :func:`auto_chunk_size`. ``compiled`` fuses each chunk's elementwise work with torch.compile.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"expected hidden [M, H] and targets [M], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
@@ -178,7 +211,7 @@ def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     if hidden.shape[0] == 0:
         # Still connected to the graph, so an all-prompt micro-batch backpropagates a zero.
         return (hidden.sum() * 0.0).float().expand(0)
-    return LinearLogProbs.apply(hidden, weight, bias, targets, chunk)
+    return LinearLogProbs.apply(hidden, weight, bias, targets, chunk, compiled)
 
 
 def module_token_logprobs(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],

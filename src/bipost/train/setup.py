@@ -44,7 +44,7 @@ def build_objectives(cfg: RunConfig, tokenizer, policy, engine: Engine) -> dict[
             frozen[path] = engine.place(load_causal_lm(path, cfg.model, frozen=True))
         return frozen[path]
 
-    fwd = ForwardOptions(cfg.train.logits, cfg.train.logits_chunk_size)
+    fwd = ForwardOptions(cfg.train.logits, cfg.train.logits_chunk_size, compile=cfg.model.compile)
     if cfg.train.packing:
         use_packed_attention(policy)
     if cfg.model.compile:
@@ -81,6 +81,7 @@ def build_objectives(cfg: RunConfig, tokenizer, policy, engine: Engine) -> dict[
         stream = ExampleStream(
             data.train, ocfg.micro_batch_size, task.collate(tokenizer.pad_token_id),
             seed=cfg.train.seed + 1000 * i, rank=engine.rank, world_size=engine.world_size,
+            prefetch=cfg.train.prefetch,
         )
         runs[ocfg.name] = ObjectiveRun(ocfg, task, data.train, data.eval, stream,
                                        per_rank // ocfg.micro_batch_size, data.summary)  # type: ignore[arg-type]
@@ -108,10 +109,12 @@ def _reference_cache(cfg: RunConfig, ocfg: ObjectiveConfig, task: DPOTask, data,
 
 
 def compile_layers(model) -> None:
-    """``torch.compile`` each decoder layer in place (dynamic shapes: packed rows vary in length)."""
+    """``torch.compile`` each decoder layer in place. Shapes start static and turn dynamic on the
+    first change (torch's automatic dynamic): fixed-length rows keep the leaner static code,
+    packed rows of varying length recompile once."""
     inner = model.get_base_model() if is_peft(model) else model
     for layer in inner.get_decoder().layers:
-        layer.compile(dynamic=True)
+        layer.compile()
 
 
 def steps_per_pass(runs: dict[str, ObjectiveRun]) -> dict[str, int]:

@@ -32,6 +32,7 @@ from bipost.config import ObjectiveConfig
 from bipost.data.collate import collate_pref, collate_sft
 from bipost.data.packing import pack_pref, pack_sft
 from bipost.models import as_reference, is_peft
+from bipost.train.attention import packed_kwargs
 from bipost.objectives import ObjectiveOutput, dpo_loss, kd_loss
 from bipost.objectives.chunked import (
     auto_chunk_size,
@@ -55,6 +56,8 @@ class ForwardOptions:
     """auto | chunked | liger | plain (see ``TrainConfig.logits``)."""
     chunk_size: int = 0
     """Positions per lm_head chunk; 0: automatic (256 MiB of fp32 logits per chunk)."""
+    compile: bool = False
+    """Fuse each lm_head chunk's elementwise work with torch.compile (``model.compile``)."""
 
     def __post_init__(self) -> None:
         if self.logits not in LOGITS_MODES:
@@ -110,7 +113,7 @@ def model_inputs(batch: dict) -> dict:
     2D mask; a padded batch its attention mask."""
     if "packed_layout" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-                "packed_layout": batch["packed_layout"]}
+                **packed_kwargs(batch["packed_layout"], batch["input_ids"].device)}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
@@ -223,7 +226,7 @@ def response_logprobs(model, batch: dict, pos: Positions, opts: ForwardOptions) 
 
         nll = liger_fused_linear_cross_entropy(h, weight, pos.target, bias, reduction="none")
         return -nll.float()
-    return chunked_token_logprobs(h, weight, pos.target, bias, chunk)
+    return chunked_token_logprobs(h, weight, pos.target, bias, chunk, compiled=opts.compile)
 
 
 # ---------------------------------------------------------------- tasks
