@@ -118,3 +118,30 @@ def test_eval_batches_shard_every_example_once():
     assert r0 == [[0, 2], [4, 6], [8, 10]]
     assert r1 == [[1, 3], [5, 7], [9]]
     assert sorted(sum(r0 + r1, [])) == examples
+
+
+def test_prefetch_gives_the_same_batches_and_state():
+    """Collating ahead in a thread changes neither the batches nor the resume state; a bad row's
+    error surfaces at the micro-batch that holds it."""
+    def make(prefetch: int) -> ExampleStream:
+        return ExampleStream(list(range(N)), 3, ids_collate, 1, prefetch=prefetch)
+
+    plain, ahead = make(0), make(2)
+    assert take(ahead, 9) == take(plain, 9)
+    assert ahead.state_dict() == plain.state_dict()
+    resumed = make(1)
+    resumed.next()  # prefetches micro-batch 1, then jumps: the stale one must not be served
+    resumed.load_state_dict(ahead.state_dict())
+    assert take(resumed, 5) == take(plain, 5)
+
+    def failing(examples):
+        if 7 in examples:
+            raise ValueError("row 7 is bad")
+        return ids_collate(examples)
+
+    s = ExampleStream(list(range(N)), 2, failing, 1, shuffle=False, prefetch=1)
+    assert take(s, 3) == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="row 7"):
+        s.next()
+    with pytest.raises(ValueError, match="prefetch"):
+        ExampleStream([1], 1, ids_collate, 0, prefetch=-1)

@@ -207,6 +207,7 @@ def validate(cfg: C.RunConfig) -> None:
     t = cfg.train
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1")
     _check(t.keep_last >= 1, "train.keep_last must be >= 1")
+    _check(t.prefetch >= 0, "train.prefetch must be >= 0")
     for sink in t.report_to:
         _check(sink in ("tensorboard", "wandb"), f"train.report_to: unknown sink {sink!r} (tensorboard, wandb)")
     for p in t.ref_pareto:
