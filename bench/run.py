@@ -194,11 +194,14 @@ def bipost_overrides(ws: Path, spec: dict, out: Path) -> list[str]:
     data = spec["data"]
     ov = [f"model.path={ws / 'model'}", f"model.dtype={p['dtype']}", "model.attn_implementation=sdpa",
           f"train.output_dir={out}", "train.progress=false", f"train.max_steps={spec['total']}",
-          f"train.batch_size={p['batch']}", f"train.micro_batch_size={spec.get('micro', p['batch'])}",
+          f"train.batch_size={spec.get('batch', p['batch'])}",
+          f"train.micro_batch_size={spec.get('micro', spec.get('batch', p['batch']))}",
           "optim.lr=1e-5", f"train.packing={str(spec.get('packing', True)).lower()}",
           f"train.logits={spec.get('logits', 'auto')}", f"train.cache_dir={out}/cache"]
     if spec.get("compile"):
         ov.append("model.compile=true")
+    if spec.get("chunk"):
+        ov.append(f"train.logits_chunk_size={spec['chunk']}")
     for i, kind in enumerate(spec["kinds"]):
         path = ws / f"{data}-{'pref' if kind == 'dpo' else 'sft'}.jsonl"
         ov += [f"objectives.{i}.kind={kind}", f"objectives.{i}.data.path={path}",
@@ -227,6 +230,8 @@ def run_bipost(ws: Path, spec: dict, out: Path) -> dict:
     counted: list[int] = []
     lens: list[int] = []
 
+    # Collation may run a micro-batch ahead in a thread (train.prefetch): each batch carries its
+    # own token count, read when the trainer takes it.
     def counting(collate, kind):
         def wrapped(examples):
             if kind == "dpo":
@@ -234,13 +239,23 @@ def run_bipost(ws: Path, spec: dict, out: Path) -> dict:
                      [len(e.prompt_ids) + len(e.rejected_ids) for e in examples]
             else:
                 ls = [len(e) for e in examples]
+            batch = collate(examples)
+            batch["_bench_lens"] = ls
+            return batch
+        return wrapped
+
+    def taking(next_fn):
+        def wrapped():
+            batch = next_fn()
+            ls = batch.pop("_bench_lens")
             counted.append(sum(ls))
             lens.extend(ls)
-            return collate(examples)
+            return batch
         return wrapped
 
     for r in trainer.runs.values():
         r.stream.collate_fn = counting(r.stream.collate_fn, r.cfg.kind)
+        r.stream.next = taking(r.stream.next)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     times, tokens, cpu = [], [], []
@@ -257,6 +272,10 @@ def run_bipost(ws: Path, spec: dict, out: Path) -> dict:
             tokens.append(sum(counted))
         last, last_cpu = now, now_cpu
     extra = {"setup_s": setup_s}
+    if spec.get("compile"):
+        from torch._dynamo.utils import counters
+
+        extra["graphs"] = counters["stats"]["unique_graphs"]  # recompiles show up here
     if torch.cuda.is_available():
         fpt = _model_flops_per_token(ws, lens)
         extra["mfu"] = fpt * _best_window(times, tokens) / PEAK_FLOPS
@@ -385,9 +404,6 @@ def configs(preset: str, only: set[str] | None) -> list[dict]:
         if real:  # fixed lengths have no padding to drop
             specs += [dict(b, name=f"bipost-sft-padded/{data}", kinds=["sft"], packing=False)]
         specs += [dict(b, name=f"bipost-dpo/{data}", kinds=["dpo"])]
-        if gpu:  # auto picks Liger's fused loss on a GPU; the own chunked path, side by side
-            specs += [dict(b, name=f"bipost-sft-chunked/{data}", kinds=["sft"], logits="chunked"),
-                      dict(b, name=f"bipost-dpo-chunked/{data}", kinds=["dpo"], logits="chunked")]
         if real:
             specs += [dict(b, name=f"bipost-dpo-online-ref/{data}", kinds=["dpo"], cache=False)]
         if real:
@@ -414,8 +430,14 @@ def configs(preset: str, only: set[str] | None) -> list[dict]:
         dict(s, name="sched-mix", schedule="mix"),
     ]
     if gpu:  # last: compiling may take a while
-        specs += [dict(base, data="synthetic", framework="bipost", name="bipost-sft-compiled/synthetic",
-                       kinds=["sft"], compile=True)]
+        for data in ("synthetic", "hh"):
+            for kind in ("sft", "dpo"):
+                specs += [dict(base, data=data, framework="bipost", name=f"bipost-{kind}-compiled/{data}",
+                               kinds=[kind], compile=True)]
+        # TRL's packed "batch 8" on hh is 8 bins of max_len tokens (~4,000 tokens a step); bipost's
+        # batch counts examples (~1,100 tokens). 28 hh examples hold about as many tokens as 8 bins.
+        specs += [dict(base, data="hh", framework="bipost", name="bipost-sft-compiled-tokmatch/hh",
+                       kinds=["sft"], compile=True, batch=28)]
     if only:
         specs = [sp for sp in specs if any(sp["name"].startswith(o) for o in only)]
     return specs
@@ -430,6 +452,7 @@ def check_equivalence(ws: Path, preset: str) -> list[str]:
     from bipost.data import load_objective_data
     from bipost.models import load_tokenizer
     from bipost.train.attention import use_packed_attention
+    from bipost.train.setup import compile_layers
     from bipost.train.tasks import ForwardOptions, make_task
     from transformers import AutoModelForCausalLM
 
@@ -440,32 +463,37 @@ def check_equivalence(ws: Path, preset: str) -> list[str]:
                                                  attn_implementation="sdpa").to(dev)
     use_packed_attention(model)
     lines = []
-    for kind in ("sft", "dpo"):
+    refs: dict = {}
+    plan = [(kind, mode, packing, False) for kind in ("sft", "dpo")
+            for mode, packing in (("plain", False), ("chunked", False), ("chunked", True), ("liger", True))]
+    if dev == "cuda":  # last, once the layers are compiled (in place): model.compile's path
+        plan += [(kind, "chunked", True, True) for kind in ("sft", "dpo")]
+    for kind, mode, packing, compiled in plan:
+        if mode == "liger" and not (dev == "cuda" and _has("liger_kernel")):
+            continue
+        if compiled and kind == "sft":
+            compile_layers(model)
         data = load_objective_data(DataConfig(path=str(ws / f"hh-{'pref' if kind == 'dpo' else 'sft'}.jsonl"),
                                               max_len=p["max_len"]), kind, tok).train[:8]
-        ocfg = ObjectiveConfig(kind=kind, name=kind)
-        ref = None
-        for mode, packing in (("plain", False), ("chunked", False), ("chunked", True), ("liger", True)):
-            if mode == "liger" and not (dev == "cuda" and _has("liger_kernel")):
-                continue
-            task = make_task(ocfg, ForwardOptions(mode), packing)
-            batch = task.collate(tok.pad_token_id)(data)
-            if kind == "dpo":
-                batch["ref_logps"] = torch.zeros(2 * len(data))
-            batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
-            model.zero_grad(set_to_none=True)
-            out = task.loss(model, batch)
-            out.losses.sum().backward()
-            grads = torch.cat([model.get_output_embeddings().weight.grad.float().flatten(),
-                               model.model.layers[0].mlp.down_proj.weight.grad.float().flatten()])
-            cur = (out.losses.detach().float(), grads)
-            if ref is None:
-                ref = cur
-                continue
-            dl = ((cur[0] - ref[0]).norm() / ref[0].norm()).item()
-            dg = ((cur[1] - ref[1]).norm() / ref[1].norm()).item()
-            lines.append(f"check {kind}: {mode}{' packed' if packing else ''} vs plain padded: "
-                         f"loss rel err {dl:.2e}, grad rel err {dg:.2e}")
+        task = make_task(ObjectiveConfig(kind=kind, name=kind), ForwardOptions(mode, compile=compiled), packing)
+        batch = task.collate(tok.pad_token_id)(data)
+        if kind == "dpo":
+            batch["ref_logps"] = torch.zeros(2 * len(data))
+        batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+        model.zero_grad(set_to_none=True)
+        out = task.loss(model, batch)
+        out.losses.sum().backward()
+        grads = torch.cat([model.get_output_embeddings().weight.grad.float().flatten(),
+                           model.model.layers[0].mlp.down_proj.weight.grad.float().flatten()])
+        cur = (out.losses.detach().float(), grads)
+        if kind not in refs:
+            refs[kind] = cur
+            continue
+        ref = refs[kind]
+        dl = ((cur[0] - ref[0]).norm() / ref[0].norm()).item()
+        dg = ((cur[1] - ref[1]).norm() / ref[1].norm()).item()
+        lines.append(f"check {kind}: {mode}{' packed' if packing else ''}{' compiled' if compiled else ''} "
+                     f"vs plain padded: loss rel err {dl:.2e}, grad rel err {dg:.2e}")
     del model
     return lines
 
@@ -516,15 +544,18 @@ def fmt_table(results: list[dict], gpu: bool) -> str:
                   "| TRL best's peak | peak ratio | TRL's lowest peak |", "|---|---|---|---|---|---|---|---|---|---|"]
     for data in ("synthetic", "hh"):
         for kind in ("sft", "dpo"):
-            ours = by.get(f"bipost-{kind}/{data}")
+            # bipost's fastest at the same batch: default (eager) or model.compile
+            mine = [by[n] for n in (f"bipost-{kind}/{data}", f"bipost-{kind}-compiled/{data}") if n in by]
             cands = [r for n, r in by.items() if n.startswith(f"trl-{kind}") and n.endswith(f"/{data}")]
             ok = [c for c in cands if c.get("isolated") is not False]  # packing that mixes sequences: no
-            if not ours or not ok:
+            if not mine or not ok:
                 continue
+            ours = max(mine, key=lambda c: c["tokens_per_s"])
             best = max(ok, key=lambda c: c["tokens_per_s"])
             cpu_ratio = (f"{ours['tokens_per_cpu_s'] / best['tokens_per_cpu_s']:.2f}x"
                          if ours.get("tokens_per_cpu_s") and best.get("tokens_per_cpu_s") else "")
-            lines.append(f"| {data} | {kind} | {ours['tokens_per_s']:,.0f} | {best['tokens_per_s']:,.0f} "
+            lines.append(f"| {data} | {kind} | {ours['tokens_per_s']:,.0f} ({ours['name'].split('/')[0]}) | "
+                         f"{best['tokens_per_s']:,.0f} "
                          f"({best['name'].split('/')[0]}) | {ours['tokens_per_s'] / best['tokens_per_s']:.2f}x | {cpu_ratio} | "
                          f"{ours['peak']:,.2f} | {best['peak']:,.2f} | {ours['peak'] / best['peak']:.2f} | "
                          f"{min(c['peak'] for c in ok):,.2f} |")
