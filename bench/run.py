@@ -210,6 +210,9 @@ def bipost_overrides(ws: Path, spec: dict, out: Path) -> list[str]:
             ov.append(f"objectives.{i}.cache_reference={str(spec.get('cache', True)).lower()}")
         if kind == "kd":
             ov.append(f"objectives.{i}.teacher={ws / 'teacher'}")
+            if spec.get("kd_topk"):
+                ov += [f"objectives.{i}.kd_topk={spec['kd_topk']}",
+                       f"objectives.{i}.cache_teacher={str(spec.get('cache', True)).lower()}"]
     if len(spec["kinds"]) > 1:
         ov.append(f"schedule.name={spec['schedule']}")
     return ov
@@ -407,7 +410,8 @@ def configs(preset: str, only: set[str] | None) -> list[dict]:
         if real:
             specs += [dict(b, name=f"bipost-dpo-online-ref/{data}", kinds=["dpo"], cache=False)]
         if real:
-            specs += [dict(b, name=f"bipost-kd/{data}", kinds=["kd"])]
+            specs += [dict(b, name=f"bipost-kd/{data}", kinds=["kd"]),
+                      dict(b, name=f"bipost-kd-top32-cached/{data}", kinds=["kd"], kd_topk=32)]
         specs += [dict(t, name=f"trl-sft-padded/{data}", kind="sft")]
         if real or not gpu:
             specs += [dict(t, name=f"trl-sft-packed/{data}", kind="sft", packing=True)]

@@ -122,6 +122,10 @@ class ObjectiveConfig:
     """KD: softmax temperature (the loss is scaled by T^2)."""
     jsd_beta: float = 0.5
     """KD: interpolation weight of the generalized JSD."""
+    kd_topk: int = 0
+    """KD: distil from the teacher's k most likely tokens at each position, their probabilities renormalized to sum to 1 (forward KD only; k = vocabulary size is exactly forward KD). 0: the full distribution."""
+    cache_teacher: bool = False
+    """KD with kd_topk: compute the teacher's top-k log-probs once before training and cache them on disk (8k bytes per response token; keyed by the data, teacher model, tokenizer, max_len, k and temperature; a stale cache is rebuilt). No teacher is kept in memory while training."""
     cache_reference: bool = False
     """DPO: compute the reference log-probs once before training and cache them on disk (keyed by the data, reference model, tokenizer and max_len; a stale cache is rebuilt). No reference model is kept in memory while training."""
     optimum: Optional[float] = None

@@ -179,11 +179,18 @@ def validate(cfg: C.RunConfig) -> None:
             _check(obj.beta > 0, f"{w}.beta must be > 0")
             _check(obj.loss_type in ("sigmoid", "ipo"), f"{w}.loss_type must be sigmoid or ipo")
             _check(0 <= obj.label_smoothing < 0.5, f"{w}.label_smoothing must be in [0, 0.5)")
+        _check(obj.kind == "kd" or not (obj.cache_teacher or obj.kd_topk),
+               f"{w}: kd_topk and cache_teacher apply to kd objectives only")
         if obj.kind == "kd":
             _check(bool(obj.teacher), f"{w}.teacher is required for kd (a model sharing the policy's tokenizer)")
             _check(obj.kd_loss in ("forward", "reverse", "jsd"), f"{w}.kd_loss must be forward, reverse or jsd")
             _check(obj.temperature > 0, f"{w}.temperature must be > 0")
             _check(0 < obj.jsd_beta < 1, f"{w}.jsd_beta must be in (0, 1)")
+            _check(obj.kd_topk >= 0, f"{w}.kd_topk must be >= 0")
+            _check(obj.kd_topk == 0 or obj.kd_loss == "forward",
+                   f"{w}.kd_topk distils the teacher's top-k tokens with forward KD; kd_loss is {obj.kd_loss!r}")
+            _check(not obj.cache_teacher or obj.kd_topk > 0,
+                   f"{w}.cache_teacher caches the teacher's top-k log-probs: set {w}.kd_topk (e.g. 32)")
     names = [o.name for o in cfg.objectives]
     _check(len(set(names)) == len(names), f"objective names must be unique, got {names}")
     total = sum(o.weight for o in cfg.objectives)

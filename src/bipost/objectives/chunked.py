@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bipost.objectives.base import ObjectiveOutput
-from bipost.objectives.kd import kd_loss
+from bipost.objectives.kd import kd_loss, topk_kd_loss
 from bipost.objectives.logprobs import IGNORE_INDEX
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -280,3 +280,54 @@ def chunked_kd_loss(
     if kind == "forward":
         metrics["kl"] = segment_sum(torch.cat(kls), seq, num_seqs) / denom
     return ObjectiveOutput(losses=per_seq, units=units, metrics=metrics)
+
+
+# ---------------------------------------------------------------- top-k distillation
+def teacher_topk(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], k: int,
+                 temperature: float = 1.0, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's ``k`` most likely tokens at each position and their log-probs (log-softmax
+    over the whole vocabulary at ``temperature``), chunk by chunk, without grad: ``(ids [M, k]
+    int64, logps [M, k] float32)``."""
+    ids, logps = [], []
+    with torch.no_grad():
+        for s in range(0, hidden.shape[0], chunk_size):
+            z = head(hidden[s:s + chunk_size]).float()
+            lp = torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
+            top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+            ids.append(top.indices)
+            logps.append(top.values)
+    if not ids:
+        return (torch.zeros(0, k, dtype=torch.long, device=hidden.device),
+                torch.zeros(0, k, dtype=torch.float32, device=hidden.device))
+    return torch.cat(ids), torch.cat(logps)
+
+
+def chunked_topk_kd_loss(student_hidden: torch.Tensor, student_head: Callable[[torch.Tensor], torch.Tensor],
+                         teacher_ids: torch.Tensor, teacher_logps: torch.Tensor, seq: torch.Tensor,
+                         num_seqs: int, *, temperature: float = 1.0, chunk_size: int = 1024) -> ObjectiveOutput:
+    """:func:`bipost.objectives.kd.topk_kd_loss` over selected positions, chunk by chunk (each
+    chunk checkpointed, as in :func:`chunked_kd_loss`), summed per sequence: ``losses`` ``[S]``,
+    ``units`` ``[S]``, metrics ``kd`` and ``kl``. Only the teacher's ``[M, k]`` ids and log-probs
+    are needed (e.g. from the teacher cache), not the teacher."""
+
+    def piece(hs: torch.Tensor, ids: torch.Tensor, tl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = student_head(hs).float()
+        if temperature != 1.0:
+            z = z / temperature
+        student = z.gather(1, ids) - torch.logsumexp(z, dim=-1, keepdim=True)
+        return topk_kd_loss(student, tl, temperature)
+
+    losses, kls = [], []
+    for s in range(0, student_hidden.shape[0], chunk_size):
+        loss_c, kl_c = checkpoint(piece, student_hidden[s:s + chunk_size], teacher_ids[s:s + chunk_size],
+                                  teacher_logps[s:s + chunk_size], use_reentrant=False)
+        losses.append(loss_c)
+        kls.append(kl_c.detach())
+    if not losses:  # no response token at all: a zero still connected to the graph
+        losses, kls = [(student_hidden.sum() * 0.0).float().expand(0)], [torch.zeros(0, device=seq.device)]
+    per_seq = segment_sum(torch.cat(losses), seq, num_seqs)
+    units = segment_count(seq, num_seqs)
+    denom = units.clamp(min=1.0)
+    return ObjectiveOutput(losses=per_seq, units=units,
+                           metrics={"kd": per_seq.detach() / denom,
+                                    "kl": segment_sum(torch.cat(kls), seq, num_seqs) / denom})

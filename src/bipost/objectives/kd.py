@@ -146,3 +146,23 @@ def kd_loss(
     if kl_tok is not None:
         metrics["kl"] = (scale * torch.where(mask, kl_tok, zero)).sum(dim=-1) / denom
     return ObjectiveOutput(losses=losses, units=units, metrics=metrics)
+
+
+def topk_kd_loss(student_logps: torch.Tensor, teacher_logps: torch.Tensor,
+                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward KD against the teacher's top-k tokens, per position.
+
+    ``student_logps`` ``[M, k]``: the student's log-softmax (at ``temperature``, over the whole
+    vocabulary) at the teacher's top-k token ids; ``teacher_logps`` ``[M, k]``: the teacher's
+    log-softmax at those ids (same temperature). The teacher's k probabilities are renormalized
+    to sum to 1 (``p~``); the loss is ``-tau^2 sum_j p~_j log p_S(j)`` and the second output,
+    for the ``kl`` metric, ``tau^2 sum_j p~_j (log p~_j - log p_S(j))`` (detached). With k = V
+    nothing is renormalized and this is ``kd_loss(kind="forward")`` position by position.
+    """
+    log_pt = teacher_logps.detach().float()
+    log_pt = log_pt - torch.logsumexp(log_pt, dim=-1, keepdim=True)
+    scale = temperature**2
+    ce = -_plogq(log_pt, student_logps) * scale
+    with torch.no_grad():
+        kl = ce.detach() + _plogq(log_pt, log_pt) * scale
+    return ce, kl

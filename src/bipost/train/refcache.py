@@ -142,7 +142,8 @@ def load_or_build(path: Path, examples: Sequence[PrefExample], meta: dict,
     atomically (a temporary file renamed over the old one).
     """
     key = _sha(meta)
-    values = _read(path, key, meta)
+    saved = read_cache(path, key, meta, "reference")
+    values = saved["logps"] if saved is not None else None
     if values is None or values.shape != (len(examples), 2):
         if values is not None:
             log.warning("reference cache %s has %s values for %d examples; rebuilding", path,
@@ -150,27 +151,33 @@ def load_or_build(path: Path, examples: Sequence[PrefExample], meta: dict,
         log.info("computing reference log-probs of %d examples -> %s", len(examples), path)
         values = build()
         if is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            torch.save({"key": key, "meta": json.dumps(meta, sort_keys=True), "logps": values}, tmp)
-            os.replace(tmp, path)
+            write_cache(path, key, meta, {"logps": values})
         barrier()
     else:
         log.info("reference log-probs of %d examples from %s", len(examples), path)
     return ReferenceLogps.of(examples, values)
 
 
-def _read(path: Path, key: str, meta: dict) -> torch.Tensor | None:
+def write_cache(path: Path, key: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Save atomically: a temporary file renamed over the old one (a killed run leaves no torn cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save({"key": key, "meta": json.dumps(meta, sort_keys=True), **tensors}, tmp)
+    os.replace(tmp, path)
+
+
+def read_cache(path: Path, key: str, meta: dict, what: str) -> dict | None:
+    """The saved dict at ``path`` if it reads and its key is ``key``; else None (and why, logged)."""
     if not path.exists():
         return None
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        saved_key, saved_meta, values = saved["key"], json.loads(saved["meta"]), saved["logps"]
+        saved_key, saved_meta = saved["key"], json.loads(saved["meta"])
     except Exception as err:  # truncated or foreign file
-        log.warning("reference cache %s is unreadable (%s); rebuilding", path, err)
+        log.warning("%s cache %s is unreadable (%s); rebuilding", what, path, err)
         return None
     if saved_key != key:
         changed = sorted(k for k in set(meta) | set(saved_meta) if meta.get(k) != saved_meta.get(k))
-        log.warning("reference cache %s is stale (changed: %s); rebuilding", path, ", ".join(changed) or "key")
+        log.warning("%s cache %s is stale (changed: %s); rebuilding", what, path, ", ".join(changed) or "key")
         return None
-    return values
+    return saved

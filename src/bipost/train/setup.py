@@ -16,7 +16,8 @@ from bipost.models import is_peft, load_causal_lm, load_policy, load_tokenizer, 
 from bipost.train.attention import use_packed_attention
 from bipost.train.engine import Engine
 from bipost.train.refcache import ReferenceLogps, cache_meta, compute_reference_logps, load_or_build
-from bipost.train.tasks import DPOTask, ForwardOptions, KDTask, Task, make_task
+from bipost.train.tasks import DPOTask, ForwardOptions, KDTask, Task, make_task, positions
+from bipost.train.teachercache import TeacherTopK, compute_teacher_topk, load_or_build_teacher, teacher_cache_meta
 
 log = logging.getLogger("bipost")
 
@@ -71,7 +72,11 @@ def build_objectives(cfg: RunConfig, tokenizer, policy, engine: Engine) -> dict[
                 task.reference = frozen_for_task(ref_path)
             # else: LoRA policy with its adapter disabled (no second copy)
         if isinstance(task, KDTask):
-            task.teacher = frozen_for_task(ocfg.teacher)  # type: ignore[arg-type]
+            if ocfg.cache_teacher:  # the teacher is loaded only if the cache must be (re)built
+                task.teacher_cache = _teacher_cache(cfg, ocfg, task, data, tokenizer, engine,
+                                                    lambda: frozen_for_task(ocfg.teacher))
+            else:
+                task.teacher = frozen_for_task(ocfg.teacher)  # type: ignore[arg-type]
         per_rank = ocfg.batch_size // engine.world_size  # type: ignore[operator]
         if per_rank * engine.world_size != ocfg.batch_size or per_rank % ocfg.micro_batch_size:  # type: ignore[operator]
             raise ValueError(
@@ -106,6 +111,32 @@ def _reference_cache(cfg: RunConfig, ocfg: ObjectiveConfig, task: DPOTask, data,
 
     return load_or_build(cache_dir / f"ref-{ocfg.name}.pt", examples, meta, build,
                          is_main=engine.is_main, barrier=engine.barrier)
+
+
+def _teacher_cache(cfg: RunConfig, ocfg: ObjectiveConfig, task: KDTask, data, tokenizer, engine: Engine,
+                   teacher) -> TeacherTopK:
+    """Load or compute ``ocfg``'s cached teacher top-k log-probs (``train/teachercache.py``)."""
+    examples = list(data.train) + list(data.eval)
+    meta = teacher_cache_meta(examples, ocfg.teacher, tokenizer, ocfg.data.max_len,  # type: ignore[arg-type]
+                              str(resolve_dtype(cfg.model.dtype)), ocfg.kd_topk, ocfg.temperature)
+    cache_dir = Path(cfg.train.cache_dir or Path(cfg.train.output_dir) / "cache")
+
+    def build():
+        task.teacher = teacher()
+        try:
+            collate = task.collate(tokenizer.pad_token_id)  # no cache yet: plain batches
+
+            def topk(batch):
+                pos = positions(batch, task.num_seqs(batch))
+                return (*task.teacher_topk(batch, pos), pos.seq)
+
+            return compute_teacher_topk(examples, topk, collate, cfg.train.eval_batch_size or ocfg.micro_batch_size,
+                                        engine.to_device)
+        finally:
+            task.teacher = None  # not resident while training
+
+    return load_or_build_teacher(cache_dir / f"teacher-{ocfg.name}.pt", examples, meta, build,
+                                 is_main=engine.is_main, barrier=engine.barrier)
 
 
 def compile_layers(model) -> None:

@@ -38,11 +38,13 @@ from bipost.objectives.chunked import (
     auto_chunk_size,
     chunked_kd_loss,
     chunked_token_logprobs,
+    chunked_topk_kd_loss,
     module_token_logprobs,
     response_targets,
     segment_count,
     segment_sum,
     sequence_sft_loss,
+    teacher_topk,
 )
 
 LOGITS_MODES = ("auto", "chunked", "liger", "plain")
@@ -331,14 +333,49 @@ class DPOTask(Task):
 
 class KDTask(Task):
     """Distillation from a frozen teacher sharing the tokenizer, on the positions that predict a
-    response token (the *shifted* labels: the original's off-by-one is not copied)."""
+    response token (the *shifted* labels: the original's off-by-one is not copied). With
+    ``kd_topk`` the teacher's top-k tokens come from the teacher cache (``teacher_cache``,
+    attached by the collate) or from the teacher, online."""
 
     teacher: torch.nn.Module | None = None
+    teacher_cache: "object | None" = None
+    """A ``teachercache.TeacherTopK`` whose rows the collate attaches as ``teacher_topk_*``."""
+
+    def collate(self, pad_id):
+        base = super().collate(pad_id)
+        cache = self.teacher_cache
+        if cache is None:
+            return base
+
+        def with_teacher(examples):
+            batch = base(examples)
+            batch["teacher_topk_ids"], batch["teacher_topk_logps"] = cache.lookup(examples)  # type: ignore[attr-defined]
+            return batch
+
+        return with_teacher
+
+    def teacher_topk(self, batch: dict, pos: Positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's top-k ``(ids, logps)`` ``[M, k]`` at the batch's response positions."""
+        assert self.teacher is not None, "kd needs a teacher (or a teacher cache)"
+        k, tau = self.cfg.kd_topk, self.cfg.temperature
+        device = batch["input_ids"].device
+        with torch.no_grad():
+            if resolve_mode(self.teacher, self.fwd, device) == "plain":
+                zt = forward_logits(self.teacher, batch)
+                return teacher_topk(zt.reshape(-1, zt.shape[-1])[pos.index], lambda z: z, k, tau, self._chunk(zt.shape[-1]))
+            ht = forward_hidden(self.teacher, batch)
+            ht = ht.reshape(-1, ht.shape[-1])[pos.index]
+            return teacher_topk(ht, _head_fn(self.teacher), k, tau, self._chunk(_head(self.teacher)[1].shape[0]))
+
+    def _chunk(self, vocab: int) -> int:
+        return self.fwd.chunk_size or auto_chunk_size(vocab)
 
     def loss(self, model, batch):
-        assert self.teacher is not None, "kd needs a teacher"
         c = self.cfg
         pos = positions(batch, self.num_seqs(batch))
+        if c.kd_topk:
+            return self._topk_loss(model, batch, pos)
+        assert self.teacher is not None, "kd needs a teacher"
         kw = dict(kind=c.kd_loss, temperature=c.temperature, jsd_beta=c.jsd_beta)
         device = batch["input_ids"].device
         if "plain" in (resolve_mode(model, self.fwd, device), resolve_mode(self.teacher, self.fwd, device)):
@@ -359,9 +396,27 @@ class KDTask(Task):
         hs = forward_hidden(model, batch)
         hs = hs.reshape(-1, hs.shape[-1])[pos.index]
         vocab = _head(model)[1].shape[0]
-        chunk = self.fwd.chunk_size or auto_chunk_size(vocab)
         return chunked_kd_loss(hs, ht, _head_fn(model), _head_fn(self.teacher), pos.seq, pos.num_seqs,
-                               chunk_size=chunk, **kw)
+                               chunk_size=self._chunk(vocab), **kw)
+
+    def _topk_loss(self, model, batch: dict, pos: Positions) -> ObjectiveOutput:
+        if "teacher_topk_ids" in batch:
+            ids, logps = batch["teacher_topk_ids"], batch["teacher_topk_logps"]
+            if ids.shape[0] != pos.index.shape[0]:
+                raise ValueError(f"teacher cache rows ({ids.shape[0]}) do not match the batch's response positions "
+                                 f"({pos.index.shape[0]}): the cache was built with other data or collation")
+        else:
+            ids, logps = self.teacher_topk(batch, pos)
+        kw = dict(temperature=self.cfg.temperature)
+        if resolve_mode(model, self.fwd, batch["input_ids"].device) == "plain":
+            zs = forward_logits(model, batch)
+            zs = zs.reshape(-1, zs.shape[-1])[pos.index]
+            return chunked_topk_kd_loss(zs, lambda z: z, ids, logps, pos.seq, pos.num_seqs,
+                                        chunk_size=self._chunk(zs.shape[-1]), **kw)
+        hs = forward_hidden(model, batch)
+        hs = hs.reshape(-1, hs.shape[-1])[pos.index]
+        return chunked_topk_kd_loss(hs, _head_fn(model), ids, logps, pos.seq, pos.num_seqs,
+                                    chunk_size=self._chunk(_head(model)[1].shape[0]), **kw)
 
 
 TASKS: dict[str, type[Task]] = {"sft": SFTTask, "dpo": DPOTask, "kd": KDTask}
