@@ -264,20 +264,26 @@ def chunked_kd_loss(
         kl = out.metrics.get("kl", torch.zeros_like(out.losses))
         return out.losses, kl
 
-    m = student_hidden.shape[0]
+    return _per_sequence_kd(piece, (student_hidden, teacher_hidden), seq, num_seqs, chunk_size,
+                            with_kl=kind == "forward")
+
+
+def _per_sequence_kd(piece: Callable, inputs: tuple[torch.Tensor, ...], seq: torch.Tensor, num_seqs: int,
+                     chunk_size: int, with_kl: bool) -> ObjectiveOutput:
+    """Run ``piece`` (per-position ``(loss, kl)``) over chunks of ``inputs``' rows, each chunk
+    checkpointed, and sum per sequence: ``losses``/``units`` ``[S]``, metrics ``kd`` (and ``kl``)."""
     losses, kls = [], []
-    for s in range(0, m, chunk_size):
-        loss_c, kl_c = checkpoint(piece, student_hidden[s:s + chunk_size], teacher_hidden[s:s + chunk_size],
-                                  use_reentrant=False)
+    for s in range(0, inputs[0].shape[0], chunk_size):
+        loss_c, kl_c = checkpoint(piece, *(x[s:s + chunk_size] for x in inputs), use_reentrant=False)
         losses.append(loss_c)
         kls.append(kl_c.detach())
     if not losses:  # no response token at all: a zero still connected to the graph
-        losses, kls = [(student_hidden.sum() * 0.0).float().expand(0)], [torch.zeros(0, device=seq.device)]
+        losses, kls = [(inputs[0].sum() * 0.0).float().expand(0)], [torch.zeros(0, device=seq.device)]
     per_seq = segment_sum(torch.cat(losses), seq, num_seqs)
     units = segment_count(seq, num_seqs)
     denom = units.clamp(min=1.0)
     metrics = {"kd": per_seq.detach() / denom}
-    if kind == "forward":
+    if with_kl:
         metrics["kl"] = segment_sum(torch.cat(kls), seq, num_seqs) / denom
     return ObjectiveOutput(losses=per_seq, units=units, metrics=metrics)
 
@@ -317,17 +323,5 @@ def chunked_topk_kd_loss(student_hidden: torch.Tensor, student_head: Callable[[t
         student = z.gather(1, ids) - torch.logsumexp(z, dim=-1, keepdim=True)
         return topk_kd_loss(student, tl, temperature)
 
-    losses, kls = [], []
-    for s in range(0, student_hidden.shape[0], chunk_size):
-        loss_c, kl_c = checkpoint(piece, student_hidden[s:s + chunk_size], teacher_ids[s:s + chunk_size],
-                                  teacher_logps[s:s + chunk_size], use_reentrant=False)
-        losses.append(loss_c)
-        kls.append(kl_c.detach())
-    if not losses:  # no response token at all: a zero still connected to the graph
-        losses, kls = [(student_hidden.sum() * 0.0).float().expand(0)], [torch.zeros(0, device=seq.device)]
-    per_seq = segment_sum(torch.cat(losses), seq, num_seqs)
-    units = segment_count(seq, num_seqs)
-    denom = units.clamp(min=1.0)
-    return ObjectiveOutput(losses=per_seq, units=units,
-                           metrics={"kd": per_seq.detach() / denom,
-                                    "kl": segment_sum(torch.cat(kls), seq, num_seqs) / denom})
+    return _per_sequence_kd(piece, (student_hidden, teacher_ids, teacher_logps), seq, num_seqs, chunk_size,
+                            with_kl=True)
