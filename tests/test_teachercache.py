@@ -114,3 +114,30 @@ def test_topk_config_errors(tmp_path, overrides, message):
 def test_topk_applies_to_kd_only(tmp_path):
     with pytest.raises(ConfigError, match="kd objectives only"):
         config(tmp_path, "objectives.0.kd_topk=8")
+
+
+def test_every_rank_rebuilds_if_one_must(tmp_path):
+    """Ranks agree (any_rank, a collective in training) before building: a rank whose cache is
+    valid still rebuilds when another rank's is not, so the teacher's forwards match up."""
+    ex = [SFTExample(0, (1,), (2,))]
+    calls = []
+
+    def build():
+        calls.append(1)
+        return torch.tensor([0, 1]), torch.zeros(1, 2, dtype=torch.int32), torch.zeros(1, 2)
+
+    meta = {"data": "A", "k": 2}
+    load_or_build_teacher(tmp_path / "t.pt", ex, meta, build)
+    load_or_build_teacher(tmp_path / "t.pt", ex, meta, build)
+    assert len(calls) == 1
+    load_or_build_teacher(tmp_path / "t.pt", ex, meta, build, any_rank=lambda flag: True)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("cache", ["false", "true"])
+def test_topk_larger_than_the_vocabulary_is_an_error(tmp_path, cache):
+    from bipost.train.loop import Trainer
+
+    with pytest.raises(ValueError, match="exceeds the vocabulary size"):
+        Trainer(config(tmp_path, "objectives.0.kd_topk=100000", f"objectives.0.cache_teacher={cache}",
+                       kinds=("kd",)))

@@ -121,10 +121,20 @@ def _pick_and_lse(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
 
 def _grad_logits(logits: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``g * (onehot(targets) - softmax(logits))`` in the logits' dtype."""
+    return _grad_logits_fp32(logits, lse, g, targets).to(logits.dtype)
+
+
+def _grad_logits_and_bias(logits: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, targets: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_grad_logits` and its column sum (the bias gradient), summed in fp32."""
+    dz = _grad_logits_fp32(logits, lse, g, targets)
+    return dz.to(logits.dtype), dz.sum(0)
+
+
+def _grad_logits_fp32(logits, lse, g, targets) -> torch.Tensor:
     z = logits.float()
     cols = torch.arange(z.shape[1], device=z.device)
-    dz = g[:, None] * ((cols[None, :] == targets[:, None]).float() - torch.exp(z - lse[:, None]))
-    return dz.to(logits.dtype)
+    return g[:, None] * ((cols[None, :] == targets[:, None]).float() - torch.exp(z - lse[:, None]))
 
 
 _COMPILED: dict = {}
@@ -168,14 +178,17 @@ class LinearLogProbs(torch.autograd.Function):
         grad_out = grad_out.float()
         cs = ctx.chunk_size
         rows = torch.arange(min(cs, hidden.shape[0]), device=hidden.device)
-        grad_fn = _compiled(_grad_logits) if ctx.compiled else None
+        grad_fn = None
+        if ctx.compiled:
+            grad_fn = _compiled(_grad_logits_and_bias if need_b else _grad_logits)
         for s in range(0, hidden.shape[0], cs):
             h = hidden[s:s + cs]
             g = grad_out[s:s + cs]
             if grad_fn is not None:
                 dz = grad_fn(F.linear(h, weight, bias), lse[s:s + cs], g, targets[s:s + cs])
                 if need_b:
-                    grad_b += dz.float().sum(0)  # type: ignore[operator]
+                    dz, col_sum = dz
+                    grad_b += col_sum  # type: ignore[operator]
             else:
                 # d logp_i / d z_ij = 1[j = y_i] - softmax_ij; scaled by the upstream g_i. In place.
                 dz = _chunk_logits(h, weight, bias).sub_(lse[s:s + cs, None]).exp_().mul_(-g[:, None])

@@ -119,8 +119,10 @@ def _varlen_applies(query: torch.Tensor, dropout: float) -> bool:
 def packed_kwargs(layout: PackedLayout, device: torch.device) -> dict:
     """The model-call kwargs for a packed row on ``device``: the layout (for the per-segment SDPA
     fallback) and, where the varlen kernel exists, its precomputed arguments. The varlen path
-    reads only the latter, so a compiled decoder layer (``model.compile``) keeps one graph for
-    every layout, with the attention inside it."""
+    reads only the latter (tensors and ints), so a compiled decoder layer (``model.compile``)
+    traces the attention inside its graph and does not guard on the layout object: once its
+    shapes have turned dynamic, new layouts do not recompile it. (SFT rows and DPO rows, which
+    have prefixed segments, are different graphs.)"""
     kw: dict = {"packed_layout": layout}
     if varlen_available(device):
         kw["packed_varlen"] = layout.varlen_args(device)

@@ -135,19 +135,23 @@ def compute_reference_logps(examples: Sequence[PrefExample], logps_fn: Callable[
 
 def load_or_build(path: Path, examples: Sequence[PrefExample], meta: dict,
                   build: Callable[[], torch.Tensor], is_main: bool = True,
-                  barrier: Callable[[], None] = lambda: None) -> ReferenceLogps:
+                  barrier: Callable[[], None] = lambda: None,
+                  any_rank: Callable[[bool], bool] = lambda flag: flag) -> ReferenceLogps:
     """The cache at ``path`` if its key matches ``meta``; otherwise ``build()`` it and save it.
 
     ``build`` runs on every rank (it may be a collective); only the main rank writes the file,
-    atomically (a temporary file renamed over the old one).
+    atomically (a temporary file renamed over the old one). ``any_rank(flag)`` is True on every
+    rank if ``flag`` is on any: all ranks rebuild if one must (e.g. one node sees other model
+    files), so their collectives match.
     """
     key = _sha(meta)
     saved = read_cache(path, key, meta, "reference")
-    values = saved["logps"] if saved is not None else None
-    if values is None or values.shape != (len(examples), 2):
-        if values is not None:
-            log.warning("reference cache %s has %s values for %d examples; rebuilding", path,
-                        tuple(values.shape), len(examples))
+    values = saved.get("logps") if saved is not None else None
+    if values is not None and values.shape != (len(examples), 2):
+        log.warning("reference cache %s has %s values for %d examples; rebuilding", path,
+                    tuple(values.shape), len(examples))
+        values = None
+    if any_rank(values is None):
         log.info("computing reference log-probs of %d examples -> %s", len(examples), path)
         values = build()
         if is_main:

@@ -16,7 +16,7 @@ from bipost.models import is_peft, load_causal_lm, load_policy, load_tokenizer, 
 from bipost.train.attention import use_packed_attention
 from bipost.train.engine import Engine
 from bipost.train.refcache import ReferenceLogps, cache_meta, compute_reference_logps, load_or_build
-from bipost.train.tasks import DPOTask, ForwardOptions, KDTask, Task, make_task, positions
+from bipost.train.tasks import DPOTask, ForwardOptions, KDTask, Task, make_task, positions, unwrap
 from bipost.train.teachercache import TeacherTopK, compute_teacher_topk, load_or_build_teacher, teacher_cache_meta
 
 log = logging.getLogger("bipost")
@@ -73,10 +73,12 @@ def build_objectives(cfg: RunConfig, tokenizer, policy, engine: Engine) -> dict[
             # else: LoRA policy with its adapter disabled (no second copy)
         if isinstance(task, KDTask):
             if ocfg.cache_teacher:  # the teacher is loaded only if the cache must be (re)built
-                task.teacher_cache = _teacher_cache(cfg, ocfg, task, data, tokenizer, engine,
+                task.teacher_cache = _teacher_cache(cfg, ocfg, task, data, tokenizer, engine, policy,
                                                     lambda: frozen_for_task(ocfg.teacher))
             else:
                 task.teacher = frozen_for_task(ocfg.teacher)  # type: ignore[arg-type]
+                if ocfg.kd_topk:
+                    check_topk_teacher(ocfg, head_rows(policy), task.teacher)
         per_rank = ocfg.batch_size // engine.world_size  # type: ignore[operator]
         if per_rank * engine.world_size != ocfg.batch_size or per_rank % ocfg.micro_batch_size:  # type: ignore[operator]
             raise ValueError(
@@ -110,19 +112,22 @@ def _reference_cache(cfg: RunConfig, ocfg: ObjectiveConfig, task: DPOTask, data,
                                        engine.all_reduce_sum)
 
     return load_or_build(cache_dir / f"ref-{ocfg.name}.pt", examples, meta, build,
-                         is_main=engine.is_main, barrier=engine.barrier)
+                         is_main=engine.is_main, barrier=engine.barrier, any_rank=_any_rank(engine))
 
 
 def _teacher_cache(cfg: RunConfig, ocfg: ObjectiveConfig, task: KDTask, data, tokenizer, engine: Engine,
-                   teacher) -> TeacherTopK:
+                   policy, teacher) -> TeacherTopK:
     """Load or compute ``ocfg``'s cached teacher top-k log-probs (``train/teachercache.py``)."""
     examples = list(data.train) + list(data.eval)
     meta = teacher_cache_meta(examples, ocfg.teacher, tokenizer, ocfg.data.max_len,  # type: ignore[arg-type]
                               str(resolve_dtype(cfg.model.dtype)), ocfg.kd_topk, ocfg.temperature)
     cache_dir = Path(cfg.train.cache_dir or Path(cfg.train.output_dir) / "cache")
 
+    student_vocab = head_rows(policy)
+
     def build():
         task.teacher = teacher()
+        check_topk_teacher(ocfg, student_vocab, task.teacher)
         try:
             collate = task.collate(tokenizer.pad_token_id)  # no cache yet: plain batches
 
@@ -135,8 +140,33 @@ def _teacher_cache(cfg: RunConfig, ocfg: ObjectiveConfig, task: KDTask, data, to
         finally:
             task.teacher = None  # not resident while training
 
-    return load_or_build_teacher(cache_dir / f"teacher-{ocfg.name}.pt", examples, meta, build,
-                                 is_main=engine.is_main, barrier=engine.barrier)
+    cache = load_or_build_teacher(cache_dir / f"teacher-{ocfg.name}.pt", examples, meta, build,
+                                  is_main=engine.is_main, barrier=engine.barrier, any_rank=_any_rank(engine))
+    if cache.ids.numel() and int(cache.ids.max()) >= student_vocab:
+        raise ValueError(f"objective {ocfg.name}: the teacher cache holds token id {int(cache.ids.max())}, outside the "
+                         f"policy's vocabulary of {student_vocab}")
+    return cache
+
+
+def _any_rank(engine: Engine):
+    """``flag`` -> whether it is True on any rank (a collective: every rank must call it)."""
+    return lambda flag: bool(engine.all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
+
+
+def head_rows(model) -> int:
+    """Rows of the output head (the vocabulary it scores), through DDP/compile/peft wrappers."""
+    weight = unwrap(model).get_output_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3 partitions keep the full shape aside
+
+
+def check_topk_teacher(ocfg: ObjectiveConfig, student_vocab: int, teacher) -> None:
+    """Top-k KD gathers the student's log-probs at the teacher's token ids: the heads must agree."""
+    teacher_vocab = head_rows(teacher)
+    if teacher_vocab != student_vocab:
+        raise ValueError(f"objective {ocfg.name}: teacher {ocfg.teacher} scores {teacher_vocab} tokens, the policy "
+                         f"{student_vocab}; distillation needs the same vocabulary (and tokenizer)")
+    if ocfg.kd_topk > student_vocab:
+        raise ValueError(f"objective {ocfg.name}: kd_topk={ocfg.kd_topk} exceeds the vocabulary size {student_vocab}")
 
 
 def compile_layers(model) -> None:

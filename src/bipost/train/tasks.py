@@ -69,7 +69,7 @@ class ForwardOptions:
 
 
 # ---------------------------------------------------------------- model plumbing
-def _unwrap(model):
+def unwrap(model):
     """The transformers model inside DDP/DeepSpeed (``.module``), torch.compile (``._orig_mod``)
     and peft wrappers."""
     while True:
@@ -130,7 +130,7 @@ def forward_hidden(model, batch: dict) -> torch.Tensor:
     The call goes through the outermost wrapper (so DDP's gradient hooks and peft adapters stay
     in effect) with ``logits_to_keep=1``; a forward hook on the decoder keeps its output.
     """
-    decoder = _unwrap(model).get_decoder()
+    decoder = unwrap(model).get_decoder()
     box: list[torch.Tensor] = []
 
     def keep(_module, _args, output):
@@ -138,7 +138,7 @@ def forward_hidden(model, batch: dict) -> torch.Tensor:
 
     handle = decoder.register_forward_hook(keep)
     try:
-        model(**model_inputs(batch), use_cache=False, **_keep_one_logit(type(_unwrap(model))))
+        model(**model_inputs(batch), use_cache=False, **_keep_one_logit(type(unwrap(model))))
     finally:
         handle.remove()
     return box[0]
@@ -177,7 +177,7 @@ def positions(batch: dict, num_seqs: int) -> Positions:
 
 
 def _head(model):
-    head = _unwrap(model).get_output_embeddings()
+    head = unwrap(model).get_output_embeddings()
     weight = head.weight
     if type(weight).__name__ == "DTensor":  # FSDP2: use the full (gathered) head
         weight = weight.full_tensor()
@@ -196,7 +196,7 @@ def _head_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def resolve_mode(model, opts: ForwardOptions, device: torch.device) -> str:
-    base = _unwrap(model)
+    base = unwrap(model)
     if opts.logits == "plain" or not _head_is_linear_map(base) or _head_is_partitioned(base):
         return "plain"
     if opts.logits == "auto":

@@ -116,8 +116,10 @@ def compute_teacher_topk(examples: Sequence[SFTExample], topk_fn: Callable[[dict
 
 def load_or_build_teacher(path: Path, examples: Sequence[SFTExample], meta: dict,
                           build: Callable[[], tuple], is_main: bool = True,
-                          barrier: Callable[[], None] = lambda: None) -> TeacherTopK:
-    """The cache at ``path`` if its key matches ``meta``; otherwise ``build()`` it and save it."""
+                          barrier: Callable[[], None] = lambda: None,
+                          any_rank: Callable[[bool], bool] = lambda flag: flag) -> TeacherTopK:
+    """The cache at ``path`` if its key matches ``meta``; otherwise ``build()`` it and save it
+    (on every rank if any rank must: see ``refcache.load_or_build``)."""
     key = _sha(meta)
     saved = read_cache(path, key, meta, "teacher")
     values = None
@@ -129,7 +131,7 @@ def load_or_build_teacher(path: Path, examples: Sequence[SFTExample], meta: dict
     if values is not None and (values[0].shape != (len(examples) + 1,) or values[1].shape[1] != meta["k"]):
         log.warning("teacher cache %s does not fit %d examples and k=%d; rebuilding", path, len(examples), meta["k"])
         values = None
-    if values is None:
+    if any_rank(values is None):
         log.info("computing the teacher's top-%d log-probs of %d examples -> %s", meta["k"], len(examples), path)
         values = build()
         if is_main:
