@@ -25,8 +25,11 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "[install] GPU found: installing torch==$TORCH_VERSION (CUDA build)"
     "${pip[@]}" "torch==$TORCH_VERSION"
-  elif "${pip[@]}" --no-index "torch==$TORCH_VERSION" >/dev/null 2>&1; then
+  elif "${pip[@]}" --no-index --no-deps "torch==$TORCH_VERSION" >/dev/null 2>&1; then
+    # A CPU wheel that pip's own config finds on disk (find-links). Its dependencies then come
+    # from the configured indexes; torch itself is already satisfied, so no CUDA build is fetched.
     echo "[install] no GPU: installed the local CPU wheel of torch==$TORCH_VERSION"
+    "${pip[@]}" "torch==$TORCH_VERSION"
   else
     echo "[install] no GPU: installing the CPU build of torch==$TORCH_VERSION from $TORCH_CPU_INDEX"
     "${pip[@]}" "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX"
