@@ -79,15 +79,17 @@ def profile_bipost(ws: Path, spec: dict, out: Path) -> dict:
     spec["total"] = 20
     cfg = load_config(overrides=br.bipost_overrides(ws, spec, out))
     trainer = Trainer(cfg)
-    for s in range(4):
-        trainer.train_step(s)
-    _sync()
-    # plain steps (no instrumentation)
-    t0 = time.perf_counter()
-    for s in range(4, 8):
-        trainer.train_step(s)
-    _sync()
-    plain = (time.perf_counter() - t0) / 4
+
+    def mean_step_s(first: int, last: int) -> float:
+        _sync()
+        t0 = time.perf_counter()
+        for s in range(first, last):
+            trainer.train_step(s)
+        _sync()
+        return (time.perf_counter() - t0) / (last - first)
+
+    mean_step_s(0, 4)  # warm-up (and compilation)
+    plain = mean_step_s(4, 8)  # no instrumentation
     # phases, each synchronised
     phases: dict[str, float] = {}
 
@@ -114,12 +116,7 @@ def profile_bipost(ws: Path, spec: dict, out: Path) -> dict:
     wrap(trainer.engine, "to_device", "to_device")
     wrap(trainer.engine, "clip_grad_norm", "clip_grad_norm (+ .item sync)")
     wrap(trainer.optimizer, "step", "optimizer.step")
-    _sync()
-    t0 = time.perf_counter()
-    for s in range(8, 12):
-        trainer.train_step(s)
-    _sync()
-    synced = (time.perf_counter() - t0) / 4
+    synced = mean_step_s(8, 12)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     for obj, attr, prev in reversed(saved):  # the profile runs the unwrapped methods
         if prev is _MISSING:
