@@ -64,11 +64,11 @@ def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def data_fingerprint(examples: Sequence[PrefExample]) -> str:
-    """Hash of every example's token ids (order included)."""
+def data_fingerprint(examples: Sequence, content: Callable[[object], tuple] = ReferenceLogps.content) -> str:
+    """Hash of every example's token ids (order included); ``content(e)`` names its id tuples."""
     h = hashlib.sha256()
     for e in examples:
-        for part in (e.prompt_ids, e.chosen_ids, e.rejected_ids):
+        for part in content(e):
             h.update(len(part).to_bytes(4, "little"))
             h.update(array("q", part).tobytes())
     return h.hexdigest()
@@ -96,13 +96,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return _sha(sorted(tokenizer.get_vocab().items()))
 
 
-def cache_meta(examples: Sequence[PrefExample], reference: str, tokenizer, max_len: int, dtype: str) -> dict:
+def cache_meta(examples: Sequence, model: str, tokenizer, max_len: int, dtype: str, role: str = "reference",
+               content: Callable[[object], tuple] = ReferenceLogps.content) -> dict:
+    """What a cache of ``role`` model (``reference`` or ``teacher``) outputs depends on."""
     return {
         "version": FORMAT_VERSION,
         "examples": len(examples),
-        "data": data_fingerprint(examples),
-        "reference": reference,
-        "reference_files": model_fingerprint(reference),
+        "data": data_fingerprint(examples, content),
+        role: model,
+        f"{role}_files": model_fingerprint(model),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_len": max_len,
         "dtype": dtype,

@@ -17,9 +17,7 @@ forwards are collectives); the main rank writes the file atomically.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,11 +25,9 @@ from typing import Callable, Sequence
 import torch
 
 from bipost.data.types import SFTExample
-from bipost.train.refcache import _sha, model_fingerprint, read_cache, tokenizer_fingerprint, write_cache
+from bipost.train.refcache import _sha, cache_meta, read_cache, write_cache
 
 log = logging.getLogger("bipost")
-
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -68,30 +64,10 @@ class TeacherTopK:
         return self.ids[sel].long(), self.logps[sel]
 
 
-def sft_data_fingerprint(examples: Sequence[SFTExample]) -> str:
-    """Hash of every example's token ids (order included)."""
-    h = hashlib.sha256()
-    for e in examples:
-        for part in (e.prompt_ids, e.response_ids):
-            h.update(len(part).to_bytes(4, "little"))
-            h.update(array("q", part).tobytes())
-    return h.hexdigest()
-
-
 def teacher_cache_meta(examples: Sequence[SFTExample], teacher: str, tokenizer, max_len: int, dtype: str,
                        k: int, temperature: float) -> dict:
-    return {
-        "version": FORMAT_VERSION,
-        "examples": len(examples),
-        "data": sft_data_fingerprint(examples),
-        "teacher": teacher,
-        "teacher_files": model_fingerprint(teacher),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "max_len": max_len,
-        "dtype": dtype,
-        "k": k,
-        "temperature": temperature,
-    }
+    return {**cache_meta(examples, teacher, tokenizer, max_len, dtype, role="teacher", content=TeacherTopK.content),
+            "k": k, "temperature": temperature}
 
 
 def compute_teacher_topk(examples: Sequence[SFTExample], topk_fn: Callable[[dict], tuple],
