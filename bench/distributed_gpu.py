@@ -121,7 +121,7 @@ def run_tiny(work: Path) -> dict:
     from bipost.configio import load_config
     from bipost.demo import data as D
     from bipost.tiny import save_tiny
-    from bipost.train.loop import train
+    from bipost.run import train
 
     sft = D.sft_rows(256, task="reverse", seed=0)
     D.write_jsonl(work / "ws" / "sft.jsonl", sft)
@@ -145,8 +145,8 @@ def run_big(work: Path, shape: str, seq: int, steps: int, lora_rank: int, extra:
 
     import bipost.models
     from bipost.configio import load_config
-    from bipost.train.engine import Engine
-    from bipost.train.loop import Trainer
+    from bipost.engine import Engine
+    from bipost.run import build_trainer
     from bipost.train.metrics import read_metrics
 
     ws = work / "ws"
@@ -167,7 +167,7 @@ def run_big(work: Path, shape: str, seq: int, steps: int, lora_rank: int, extra:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, engine)
+    trainer = build_trainer(cfg, engine)
     setup_s = time.perf_counter() - t0
     result = trainer.train()
     if not engine.is_main:

@@ -73,12 +73,12 @@ def profile_bipost(ws: Path, spec: dict, out: Path) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from bipost.configio import load_config
-    from bipost.train.loop import Trainer
+    from bipost.run import build_trainer
 
     torch.manual_seed(0)
     spec["total"] = 20
     cfg = load_config(overrides=br.bipost_overrides(ws, spec, out))
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
 
     def mean_step_s(first: int, last: int) -> float:
         _sync()

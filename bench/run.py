@@ -222,13 +222,13 @@ def run_bipost(ws: Path, spec: dict, out: Path) -> dict:
     import torch
 
     from bipost.configio import load_config
-    from bipost.train.loop import Trainer
+    from bipost.run import build_trainer
 
     torch.manual_seed(0)
     spec["total"] = spec["warmup"] + spec["steps"]
     cfg = load_config(overrides=bipost_overrides(ws, spec, out))
     t0 = time.perf_counter()
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     setup_s = time.perf_counter() - t0
     counted: list[int] = []
     lens: list[int] = []
@@ -452,12 +452,12 @@ def check_equivalence(ws: Path, preset: str) -> list[str]:
     log-probs against the padded full-logits path, losses and lm_head / first-layer gradients."""
     import torch
 
-    from bipost.config import DataConfig, ObjectiveConfig
+    from bipost.config import DataConfig
     from bipost.data import load_objective_data
-    from bipost.models import load_tokenizer
-    from bipost.train.attention import use_packed_attention
-    from bipost.train.setup import compile_layers
-    from bipost.train.tasks import ForwardOptions, make_task
+    from bipost.kinds import get_kind, make_objective
+    from bipost.modeling.attention import use_packed_attention
+    from bipost.modeling.forward import Forward, ForwardOptions
+    from bipost.models import compile_layers, load_tokenizer
     from transformers import AutoModelForCausalLM
 
     p = PRESETS[preset]
@@ -478,8 +478,8 @@ def check_equivalence(ws: Path, preset: str) -> list[str]:
         if compiled and kind == "sft":
             compile_layers(model)
         data = load_objective_data(DataConfig(path=str(ws / f"hh-{'pref' if kind == 'dpo' else 'sft'}.jsonl"),
-                                              max_len=p["max_len"]), kind, tok).train[:8]
-        task = make_task(ObjectiveConfig(kind=kind, name=kind), ForwardOptions(mode, compile=compiled), packing)
+                                              max_len=p["max_len"]), get_kind(kind).examples, tok).train[:8]
+        task = make_objective(kind, Forward(ForwardOptions(mode, compile=compiled)), packing)
         batch = task.collate(tok.pad_token_id)(data)
         if kind == "dpo":
             batch["ref_logps"] = torch.zeros(2 * len(data))

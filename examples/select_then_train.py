@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bipost.config import DataConfig, ObjectiveConfig
+from bipost.config import DataConfig
 from bipost.configio import load_config
 from bipost.data import load_objective_data
 from bipost.data.collate import collate_sft
@@ -37,8 +37,8 @@ from bipost.demo import data as D
 from bipost.demo.run import exact_match
 from bipost.selector import filter_rows, read_weights
 from bipost.tiny import save_tiny
-from bipost.train.loop import train
-from bipost.train.tasks import SFTTask
+from bipost.run import train
+from bipost.kinds import make_objective
 
 KINDS = ("foreign", "prompt", "copy")
 
@@ -69,7 +69,7 @@ def heldout_f1(model_dir: Path, path: Path) -> float:
     tok = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     data = load_objective_data(DataConfig(path=str(path), max_len=64), "sft", tok)
-    out = SFTTask(ObjectiveConfig(kind="sft", name="sft")).loss(model, collate_sft(data.train, tok.pad_token_id))
+    out = make_objective("sft").loss(model, collate_sft(data.train, tok.pad_token_id))
     return float(out.losses.sum() / out.units.sum())
 
 

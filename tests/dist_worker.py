@@ -19,13 +19,13 @@ def main(out: Path, overrides: list[str]) -> None:
     from bipost.cli.common import setup_process
     from bipost.configio import load_config
     from bipost.train import checkpoint as ckpt
-    from bipost.train.engine import Engine
-    from bipost.train.loop import Trainer
+    from bipost.engine import Engine
+    from bipost.run import build_trainer
 
     setup_process()
     cfg = load_config(overrides=overrides + [f"train.output_dir={out / 'full'}"])
     engine = Engine.for_run(cfg)
-    trainer = Trainer(cfg, engine)
+    trainer = build_trainer(cfg, engine)
     first = {n: r.stream.indices(0) for n, r in trainer.runs.items()}
     full = trainer.train()
 
@@ -36,7 +36,7 @@ def main(out: Path, overrides: list[str]) -> None:
     engine.barrier()
     cfg.train.output_dir, cfg.train.resume = str(resumed_dir), True
     engine.reset()
-    resumed = Trainer(cfg, engine).train()
+    resumed = build_trainer(cfg, engine).train()
 
     record = {
         "rank": engine.rank, "world_size": engine.world_size, "backend": engine.backend,

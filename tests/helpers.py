@@ -41,3 +41,12 @@ def config(out: Path, *overrides: str, kinds: tuple[str, ...] = ("sft",)):
     if len(kinds) > 1:
         base.append("schedule.name=mix")
     return load_config(overrides=base + list(overrides))
+
+
+
+def objective(kind: str, opts=None, packing: bool = False, frozen=None, **fields):
+    """``make_objective`` with forward options ``opts`` (``ForwardOptions``)."""
+    from bipost.kinds import make_objective
+    from bipost.modeling.forward import Forward
+
+    return make_objective(kind, Forward(opts), packing, frozen, **fields)

@@ -1,4 +1,4 @@
-"""Chunked log-probs / KD (objectives/chunked.py) ≡ the reference functions on full logits, in
+"""Chunked log-probs (modeling/lm_head.py) and KD (objectives/chunked.py) ≡ the reference functions on full logits, in
 values and gradients, and the task forward path that uses them ≡ the plain full-logits path."""
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from bipost.objectives import kd_loss, sequence_logprobs, sft_loss, token_logprobs
-from bipost.objectives.chunked import (
-    chunked_kd_loss,
-    chunked_token_logprobs,
-    module_token_logprobs,
+from bipost.modeling.lm_head import chunked_token_logprobs, module_token_logprobs
+from bipost.objectives.chunked import chunked_kd_loss
+from bipost.objectives.segments import (
     pad_by_sequence,
     response_targets,
     segment_count,
@@ -22,7 +21,9 @@ from bipost.objectives.chunked import (
     sequence_sft_loss,
 )
 
-from helpers import config, workspace
+from bipost.kinds import get_kind
+
+from helpers import config, objective, workspace
 
 
 def test_linear_logprob_by_hand():
@@ -151,30 +152,27 @@ def test_chunked_kd_matches_kd_loss_values_and_grads(kind):
 def _policy_and_batches():
     from bipost.data import load_objective_data
     from bipost.models import load_causal_lm
-    from bipost.train.setup import build_policy_and_tokenizer
+    from bipost.train.build import build_policy_and_tokenizer
 
     cfg = config(workspace() / "unused", kinds=("sft", "dpo"))
     tok, policy = build_policy_and_tokenizer(cfg)
     teacher = load_causal_lm(str(workspace() / "teacher"), cfg.model, frozen=True)
-    data = {o.kind: load_objective_data(o.data, o.kind, tok).train[:6] for o in cfg.objectives}
+    data = {o.kind: load_objective_data(o.data, get_kind(o.kind).examples, tok).train[:6] for o in cfg.objectives}
     return cfg, tok, policy, teacher, data
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo", "kd"])
 def test_task_chunked_equals_plain_losses_and_gradients(kind):
-    """SFTTask/DPOTask/KDTask with train.logits=chunked (tiny chunks) ≡ plain (full logits and
+    """The sft/dpo/kd objectives with train.logits=chunked (tiny chunks) ≡ plain (full logits and
     the reference loss functions): per-example losses, metrics and every parameter gradient."""
-    from bipost.config import ObjectiveConfig
-    from bipost.train.tasks import ForwardOptions, make_task
+    from bipost.modeling.forward import ForwardOptions
 
     cfg, tok, policy, teacher, data = _policy_and_batches()
-    ocfg = ObjectiveConfig(kind=kind, name=kind, nll_coef=0.5 if kind == "dpo" else 0.0)
+    fields = {"nll_coef": 0.5} if kind == "dpo" else {}
     examples = data["dpo" if kind == "dpo" else "sft"]
     results = {}
     for mode in ("plain", "chunked"):
-        task = make_task(ocfg, ForwardOptions(mode, chunk_size=5))
-        task.reference = teacher if kind == "dpo" else None
-        task.teacher = teacher if kind == "kd" else None
+        task = objective(kind, ForwardOptions(mode, chunk_size=5), frozen=teacher if kind != "sft" else None, **fields)
         batch = task.collate(tok.pad_token_id)(examples)
         policy.zero_grad()
         out = task.loss(policy, batch)
@@ -191,11 +189,10 @@ def test_task_chunked_equals_plain_losses_and_gradients(kind):
 
 def test_task_sft_plain_is_the_reference_loss():
     """The plain path is literally token_logprobs + sft_loss on the model's logits."""
-    from bipost.config import ObjectiveConfig
-    from bipost.train.tasks import ForwardOptions, make_task
+    from bipost.modeling.forward import ForwardOptions
 
     cfg, tok, policy, teacher, data = _policy_and_batches()
-    task = make_task(ObjectiveConfig(kind="sft", name="sft"), ForwardOptions("chunked", 4))
+    task = objective("sft", ForwardOptions("chunked", 4))
     batch = task.collate(tok.pad_token_id)(data["sft"])
     with torch.no_grad():
         got = task.loss(policy, batch)

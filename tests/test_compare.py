@@ -93,11 +93,11 @@ def test_budget_is_fixed_before_the_runs_by_the_loops_rule(tmp_path):
     rule, so every method (and every lambda) gets the same number of steps."""
     from bipost.configio import load_config
     from bipost.report.compare import resolve_budget
-    from bipost.train.loop import Trainer
+    from bipost.run import build_trainer
 
     overrides = [o for o in base_overrides() if not o.startswith("train.max_steps")]
     cfg = load_config(overrides=[*overrides, "schedule.name=mix", "train.epochs=1.5",
                                  f"train.output_dir={tmp_path / 'run'}"])
     assert cfg.train.max_steps is None
     # 58 training rows per objective after holding out 10% of 64: ceil(1.5 * ceil(58 / 4)) = ceil(22.5)
-    assert resolve_budget(cfg) == Trainer(cfg).max_steps == 23
+    assert resolve_budget(cfg) == build_trainer(cfg).max_steps == 23

@@ -142,20 +142,20 @@ def test_implicit_prompt_response_missing_is_skipped():
     assert format_row(row(data), "preference", CFG) == "empty 'chosen' after the implicit prompt"
 
 
-# --------------------------------------------------------------------------- auto / kinds
+# --------------------------------------------------------------------------- auto / example types
 
 
-@pytest.mark.parametrize("keys,kind,fmt", [
+@pytest.mark.parametrize("keys,examples,fmt", [
     ({"messages": []}, "sft", "messages"),
     ({"prompt": "", "completion": ""}, "sft", "prompt_completion"),
-    ({"chosen": "", "rejected": ""}, "dpo", "preference"),
-    ({"prompt": "", "chosen": "", "rejected": ""}, "dpo", "preference"),
-    ({"input": "", "output": ""}, "kd", "input_output"),
-    ({"messages": [], "chosen": "", "rejected": ""}, "dpo", "preference"),  # kind breaks the tie
+    ({"chosen": "", "rejected": ""}, "pref", "preference"),
+    ({"prompt": "", "chosen": "", "rejected": ""}, "pref", "preference"),
+    ({"input": "", "output": ""}, "sft", "input_output"),
+    ({"messages": [], "chosen": "", "rejected": ""}, "pref", "preference"),  # the example type breaks the tie
 ])
-def test_auto_detection(keys, kind, fmt, caplog):
+def test_auto_detection(keys, examples, fmt, caplog):
     with caplog.at_level("INFO", logger="bipost"):
-        assert resolve_format(CFG, row(keys), kind) == fmt
+        assert resolve_format(CFG, row(keys), examples) == fmt
     assert f"auto-detected as '{fmt}'" in caplog.text
 
 
@@ -164,15 +164,15 @@ def test_auto_unrecognised_keys():
         resolve_format(CFG, row({"foo": 1}), "sft")
 
 
-@pytest.mark.parametrize("fmt,kind", [("preference", "sft"), ("messages", "dpo"), ("input_output", "dpo")])
-def test_wrong_format_for_kind(fmt, kind):
-    with pytest.raises(DataError, match=f"objective '{kind}' needs"):
-        resolve_format(DataConfig(path="x", format=fmt), row({}), kind)
+@pytest.mark.parametrize("fmt,examples", [("preference", "sft"), ("messages", "pref"), ("input_output", "pref")])
+def test_wrong_format_for_example_type(fmt, examples):
+    with pytest.raises(DataError, match=f"objective 'x' needs"):
+        resolve_format(DataConfig(path="x", format=fmt), row({}), examples, who="objective 'x'")
 
 
 def test_auto_wrong_kind():
     with pytest.raises(DataError, match="objective 'dpo' needs a preference format"):
-        resolve_format(CFG, row({"input": "a", "output": "b"}), "dpo")
+        resolve_format(CFG, row({"input": "a", "output": "b"}), "pref", who="objective 'dpo'")
 
 
 # --------------------------------------------------------------------------- bad values

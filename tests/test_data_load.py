@@ -36,7 +36,7 @@ def test_row_ids_survive_skips_cap_and_hold_out(write_jsonl, tiny_tokenizer):
     rows[7]["output"] = 3  # skipped: non-string
     path = write_jsonl(rows)
     cfg = DataConfig(path=str(path), max_samples=16, eval_fraction=0.25, seed=3)
-    data = load_objective_data(cfg, "kd", tiny_tokenizer)
+    data = load_objective_data(cfg, "sft", tiny_tokenizer)
     train_ids = [e.row_id for e in data.train]
     eval_ids = [e.row_id for e in data.eval]
     assert not set(train_ids) & set(eval_ids)
@@ -113,7 +113,7 @@ def test_dpo_hh_style(write_jsonl, tiny_tokenizer):
          "rejected": f"\n\nHuman: what {i}?\n\nAssistant: no"}
         for i in range(5)
     ]
-    data = load_objective_data(DataConfig(path=str(write_jsonl(rows))), "dpo", tiny_tokenizer)
+    data = load_objective_data(DataConfig(path=str(write_jsonl(rows))), "pref", tiny_tokenizer)
     assert data.summary.format == "preference"
     assert all(isinstance(e, PrefExample) for e in data.train)
     e = data.train[0]
@@ -136,4 +136,4 @@ def test_messages_with_chat_template(write_jsonl, tiny_tokenizer):
 
 def test_wrong_kind_for_data(write_jsonl, tiny_tokenizer):
     with pytest.raises(DataError, match="objective 'dpo' needs a preference format"):
-        load_objective_data(DataConfig(path=str(write_jsonl(io_rows(2)))), "dpo", tiny_tokenizer)
+        load_objective_data(DataConfig(path=str(write_jsonl(io_rows(2)))), "pref", tiny_tokenizer, objective="dpo")

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from bipost.configio import load_config
-from bipost.train.loop import train
+from bipost.run import train
 
 from helpers import workspace
 

@@ -1,4 +1,4 @@
-"""Padding-free packing (data/packing.py + train/attention.py): packed rows ≡ padded batches in
+"""Padding-free packing (data/packing.py + modeling/attention.py): packed rows ≡ padded batches in
 losses AND gradients, for SFT, DPO (shared prompts) and KD; and attention never crosses sequences."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from torch.testing import assert_close
 from bipost.data.packing import PackedLayout, pack_pref, pack_sft
 from bipost.data.types import PrefExample, SFTExample
 
-from helpers import config, workspace
+from bipost.kinds import get_kind
+
+from helpers import config, objective, workspace
 
 
 def test_pack_sft_layout_by_hand():
@@ -58,26 +60,24 @@ def test_layout_rejects_gaps_and_misplaced_prefixes():
 def setup():
     from bipost.data import load_objective_data
     from bipost.models import load_causal_lm
-    from bipost.train.attention import use_packed_attention
-    from bipost.train.setup import build_policy_and_tokenizer
+    from bipost.modeling.attention import use_packed_attention
+    from bipost.train.build import build_policy_and_tokenizer
 
     cfg = config(workspace() / "unused", kinds=("sft", "dpo"))
     tok, policy = build_policy_and_tokenizer(cfg)
     use_packed_attention(policy)
     teacher = load_causal_lm(str(workspace() / "teacher"), cfg.model, frozen=True)
     use_packed_attention(teacher)
-    data = {o.kind: load_objective_data(o.data, o.kind, tok).train[:7] for o in cfg.objectives}
+    data = {o.kind: load_objective_data(o.data, get_kind(o.kind).examples, tok).train[:7] for o in cfg.objectives}
     return tok, policy, teacher, data
 
 
 def test_attention_never_crosses_sequences(setup):
     """Changing every token of the second sequence leaves the first sequence's log-probs as
     they are, and equals running the first sequence alone."""
-    from bipost.config import ObjectiveConfig
-    from bipost.train.tasks import make_task
 
     tok, policy, _, data = setup
-    task = make_task(ObjectiveConfig(kind="sft", name="sft"), packing=True)
+    task = objective("sft", packing=True)
     a, b = data["sft"][:2]
     other = SFTExample(b.row_id, tuple((t + 5) % 150 for t in b.prompt_ids), b.response_ids)
     with torch.no_grad():
@@ -93,17 +93,15 @@ def test_attention_never_crosses_sequences(setup):
 def test_packed_equals_padded_losses_and_gradients(setup, kind, logits):
     """One packed row ≡ the right-padded batch of the same examples: per-example losses,
     units, metrics and all parameter gradients (DPO with the shared-prompt layout)."""
-    from bipost.config import ObjectiveConfig
-    from bipost.train.tasks import ForwardOptions, make_task
+    from bipost.modeling.forward import ForwardOptions
 
     tok, policy, teacher, data = setup
-    ocfg = ObjectiveConfig(kind=kind, name=kind, nll_coef=0.3 if kind == "dpo" else 0.0)
+    fields = {"nll_coef": 0.3} if kind == "dpo" else {}
     examples = data["dpo" if kind == "dpo" else "sft"]
     results = {}
     for packing in (False, True):
-        task = make_task(ocfg, ForwardOptions(logits, chunk_size=8), packing=packing)
-        task.reference = teacher if kind == "dpo" else None
-        task.teacher = teacher if kind == "kd" else None
+        task = objective(kind, ForwardOptions(logits, chunk_size=8), packing, frozen=teacher if kind != "sft" else None,
+                         **fields)
         batch = task.collate(tok.pad_token_id)(examples)
         assert ("packed_layout" in batch) is packing
         policy.zero_grad()
@@ -136,7 +134,7 @@ def test_dpo_packed_row_is_shorter_than_padded(setup):
 def test_training_with_packing_matches_padded_run(tmp_path):
     """End to end through the loop (SFT + DPO mixed, accumulation 2, gradient checkpointing on):
     train.packing=true gives the padded run's step losses."""
-    from bipost.train.loop import train
+    from bipost.run import train
 
     kinds = ("sft", "dpo")
     common = ["train.max_steps=2", "train.micro_batch_size=4", "model.gradient_checkpointing=true"]
@@ -154,11 +152,10 @@ def test_varlen_kernel_matches_padded_on_gpu(kind):
     """bf16 on CUDA, where packed rows take torch's flash varlen kernel (both groups: plain
     segments, and rejected responses against their gathered prompt keys): losses and gradients
     match the padded batch to bf16 accuracy."""
-    from bipost.config import ObjectiveConfig
     from bipost.data import load_objective_data
+    from bipost.modeling.attention import use_packed_attention, varlen_available
+    from bipost.modeling.forward import ForwardOptions
     from bipost.models import load_tokenizer
-    from bipost.train.attention import use_packed_attention, varlen_available
-    from bipost.train.tasks import ForwardOptions, make_task
     from transformers import AutoModelForCausalLM
 
     assert varlen_available(torch.device("cuda"))
@@ -170,10 +167,10 @@ def test_varlen_kernel_matches_padded_on_gpu(kind):
     from bipost.config import DataConfig
 
     path = ws / ("pref.jsonl" if kind == "dpo" else "sft.jsonl")
-    examples = load_objective_data(DataConfig(path=str(path), max_len=64), kind, tok).train[:8]
+    examples = load_objective_data(DataConfig(path=str(path), max_len=64), get_kind(kind).examples, tok).train[:8]
     outs = {}
     for packing in (False, True):
-        task = make_task(ObjectiveConfig(kind=kind, name=kind), ForwardOptions("chunked"), packing)
+        task = objective(kind, ForwardOptions("chunked"), packing)
         batch = task.collate(tok.pad_token_id)(examples)
         if kind == "dpo":
             batch["ref_logps"] = torch.zeros(2 * len(examples))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bipost.train.loop import train
+from bipost.run import train
 
 from helpers import config
 

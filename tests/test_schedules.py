@@ -14,7 +14,7 @@ from bipost.schedules import make_schedule
 from bipost.schedules.alright import Alright
 from bipost.schedules.maxright import Maxright
 from bipost.schedules.simple import Sequential
-from bipost.train.loop import Trainer, train
+from bipost.run import build_trainer, train
 
 from helpers import config
 
@@ -208,7 +208,7 @@ def test_mix_gradient_is_the_lambda_weighted_sum(tmp_path):
     objective's mean over its step's units (tokens for SFT, pairs for DPO)."""
     cfg = config(tmp_path / "mix", "train.max_steps=1", "optim.max_grad_norm=0", "train.micro_batch_size=4",
                  "objectives.0.weight=0.3", "objectives.1.weight=0.7", kinds=("sft", "dpo"))
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     drawn: dict[str, list] = {n: [] for n in trainer.runs}
     for n, run in trainer.runs.items():
         def record(stream=run.stream, nxt=run.stream.next, name=n):
@@ -224,7 +224,7 @@ def test_mix_gradient_is_the_lambda_weighted_sum(tmp_path):
         captured["mix"] = [p.grad.clone() for p in params]
         for n, batches in drawn.items():
             trainer.optimizer.zero_grad(set_to_none=True)
-            task = trainer.runs[n].task
+            task = trainer.runs[n].objective
             units = sum(task.units(b) for b in batches)
             loss = sum(task.loss(trainer.model, b).losses.sum() for b in batches) / units
             loss.backward()
@@ -250,6 +250,6 @@ def test_schedule_state_survives_resume(tmp_path, schedule):
     assert len({tuple(r["ran"]) for r in full.train_losses}) == 2  # both objectives ran
     shutil.rmtree(tmp_path / "run" / "final")
     cfg.train.resume = True
-    resumed = Trainer(cfg)
+    resumed = build_trainer(cfg)
     assert resumed.step == 3
     assert resumed.train().train_losses == full.train_losses[3:]

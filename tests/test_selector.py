@@ -21,7 +21,7 @@ from bipost.configio import ConfigError, load_config
 from bipost.demo import data as D
 from bipost.schedules.bilevel import Bilevel
 from bipost.selector import SelectorWeights, filter_rows, read_weights, select_row_ids
-from bipost.train.loop import Trainer, train
+from bipost.run import build_trainer, train
 from bipost.train.metrics import read_metrics
 
 from helpers import config, workspace
@@ -305,8 +305,9 @@ def test_flipped_preference_pairs_are_ranked_at_the_bottom(tmp_path):
     right reversal) contradict both the trusted SFT data and the other pairs."""
     planted = write_planted_pairs(tmp_path / "pairs.jsonl")
     cfg = load_config(overrides=selection_overrides(tmp_path / "run", tmp_path / "pairs.jsonl", "dpo", rows=32,
-                                                    steps=30) + ["selector.enabled=true", "selector.every_epochs=0"])
-    trainer = Trainer(cfg)
+                                                    steps=30) + ["selector.enabled=true", "schedule.name=bilevel",
+                                                                "selector.every_epochs=0"])
+    trainer = build_trainer(cfg)
     trainer.train()
     table, meta = read_weights(tmp_path / "run" / "selector")
     precision = bottom_precision(table, planted)
@@ -345,7 +346,7 @@ def test_selector_state_resumes_exactly(tmp_path):
     first, _ = read_weights(tmp_path / "run" / "selector")
     shutil.rmtree(tmp_path / "run" / "final")
     cfg.train.resume = True
-    resumed = Trainer(cfg)
+    resumed = build_trainer(cfg)
     assert resumed.step == 3
     rest = resumed.train()
     assert rest.train_losses == full.train_losses[3:]
@@ -383,7 +384,7 @@ def test_two_ranks_hold_the_same_selector_as_one_rank(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["logits"] == ranks[1]["logits"]
-    single = Trainer(selector_config(tmp_path / "single", *DIST_OVERRIDES))
+    single = build_trainer(selector_config(tmp_path / "single", *DIST_OVERRIDES))
     result = single.train()
     torch.testing.assert_close(torch.tensor(ranks[0]["logits"]), single.hooks[0].weights.logits.detach(),
                                rtol=0, atol=1e-6)
@@ -398,12 +399,12 @@ DIST_OVERRIDES = ["train.max_steps=4", "train.micro_batch_size=4", "selector.eve
 def _dist_worker(out: Path, overrides: list[str]) -> None:
     """One rank of ``test_two_ranks_hold_the_same_selector_as_one_rank`` (this file run by torchrun)."""
     from bipost.cli.common import finish_distributed, setup_process
-    from bipost.train.engine import Engine
+    from bipost.engine import Engine
 
     setup_process()
     cfg = load_config(overrides=overrides)
     engine = Engine.for_run(cfg)
-    trainer = Trainer(cfg, engine)
+    trainer = build_trainer(cfg, engine)
     result = trainer.train()
     (out / f"rank-{engine.rank}.json").write_text(json.dumps({
         "logits": trainer.hooks[0].weights.logits.detach().tolist(), "train": result.train_losses}))

@@ -1,4 +1,4 @@
-"""Task losses (model forward + pure loss) against an independent implementation on the same
+"""Objective losses (model forward + pure loss) against an independent implementation on the same
 model and batch: plain transformers forwards and torch's own cross-entropy / softmax (fp32)."""
 
 from __future__ import annotations
@@ -8,13 +8,12 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from bipost.config import ObjectiveConfig
-from bipost.data import ExampleStream, load_objective_data
-from bipost.models import load_causal_lm, load_tokenizer
 from bipost.config import DataConfig, ModelConfig
-from bipost.train.tasks import make_task
+from bipost.data import ExampleStream, load_objective_data
+from bipost.kinds import get_kind
+from bipost.models import load_causal_lm, load_tokenizer
 
-from helpers import workspace
+from helpers import objective, workspace
 
 RTOL = 1e-5
 
@@ -29,10 +28,10 @@ def _setup():
     return ws, tok, model, teacher
 
 
-def _batch(kind: str, path: str, n: int = 6) -> tuple[dict, object]:
+def _batch(kind: str, path: str, n: int = 6, **kw) -> tuple[dict, object]:
     ws, tok, *_ = _setup()
-    data = load_objective_data(DataConfig(path=path, max_len=64), kind, tok)
-    task = make_task(ObjectiveConfig(kind=kind, name=kind))
+    data = load_objective_data(DataConfig(path=path, max_len=64), get_kind(kind).examples, tok)
+    task = objective(kind, **kw)
     stream = ExampleStream(data.train, n, task.collate(tok.pad_token_id), seed=0)
     return stream.next(), task
 
@@ -60,9 +59,7 @@ def test_dpo_task_matches_independent_dpo(tmp_path):
     """DPO with a separate reference: -log sigmoid(beta * ((pc - pr) - (rc - rr))) from summed
     response log-probs computed with F.cross_entropy on each model's own forward."""
     ws, tok, model, teacher = _setup()
-    batch, task = _batch("dpo", str(ws / "pref.jsonl"))
-    task.cfg.beta = 0.3
-    task.reference = teacher  # any frozen model serves as a reference here
+    batch, task = _batch("dpo", str(ws / "pref.jsonl"), beta=0.3, frozen=teacher)  # any frozen model serves
     out = task.loss(model, batch)
     n = batch["row_ids"].shape[0]
     pol, ref = _summed_logps(model, batch), _summed_logps(teacher, batch)
@@ -79,8 +76,7 @@ def test_kd_task_matches_independent_forward_kl():
     """KD forward = teacher soft-label cross-entropy at positions predicting response tokens:
     logits at t predict token t+1, so the mask is labels[:, 1:] != -100."""
     ws, tok, model, teacher = _setup()
-    batch, task = _batch("kd", str(ws / "copy.jsonl"))
-    task.teacher = teacher
+    batch, task = _batch("kd", str(ws / "copy.jsonl"), frozen=teacher)
     out = task.loss(model, batch)
     with torch.no_grad():
         s = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()[:, :-1]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bipost.train.loop import Trainer, train
+from bipost.run import build_trainer, train
 from bipost.train.metrics import read_metrics
 
 from helpers import config, workspace
@@ -51,7 +51,7 @@ def test_resume_continues_exactly(tmp_path):
     assert [p.name for p in ckpts] == ["step-00000003"]
     shutil.rmtree(tmp_path / "run" / "final")
     cfg.train.resume = True
-    resumed = Trainer(cfg)
+    resumed = build_trainer(cfg)
     assert resumed.step == 3
     rest = resumed.train()
     assert [r for r in rest.train_losses] == full.train_losses[3:]
@@ -133,4 +133,4 @@ def test_existing_checkpoints_are_never_overwritten_silently(tmp_path):
     cfg = config(tmp_path / "r", "train.max_steps=2", "train.save_steps=1")
     train(cfg)
     with pytest.raises(FileExistsError, match="train.resume=true"):
-        Trainer(config(tmp_path / "r", "train.max_steps=2"))
+        build_trainer(config(tmp_path / "r", "train.max_steps=2"))

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which field and why."""
+
+
 @dataclass
 class DataConfig:
     """Where one objective's rows come from and how they become token-space examples."""
@@ -90,10 +94,12 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """One training objective with its own data, batch sizes and, where needed, reference or teacher."""
+    """One training objective with its own data and batch sizes. Each objective kind extends this
+    with its own fields (e.g. DPO's ``beta``, KD's ``teacher``) in its module under ``bipost.kinds``;
+    a config's ``objectives.N.kind`` picks the class."""
 
     kind: str = "sft"
-    """sft | dpo | kd."""
+    """The objective kind (see ``bipost train --help`` for each kind's own fields)."""
     name: Optional[str] = None
     """Name used in logs and plots; defaults to ``kind`` (``kind_2`` when repeated)."""
     weight: float = 1.0
@@ -104,32 +110,12 @@ class ObjectiveConfig:
     """Examples (pairs for DPO) per optimizer step, over all ranks; defaults to ``train.batch_size``."""
     micro_batch_size: Optional[int] = None
     """Examples per forward on one rank; defaults to ``train.micro_batch_size``."""
-    beta: float = 0.1
-    """DPO: inverse temperature of the implicit reward."""
-    loss_type: str = "sigmoid"
-    """DPO: sigmoid (DPO) | ipo."""
-    label_smoothing: float = 0.0
-    """DPO: conservative DPO label smoothing epsilon in [0, 0.5)."""
-    nll_coef: float = 0.0
-    """DPO: coefficient of an extra NLL term on the chosen response (token mean per pair)."""
-    reference: Optional[str] = None
-    """DPO: reference model path. Unset: the policy's initial weights (with LoRA: the adapter disabled, no second copy)."""
-    teacher: Optional[str] = None
-    """KD: teacher model path (must share the policy's tokenizer)."""
-    kd_loss: str = "forward"
-    """KD: forward (teacher soft-label cross-entropy) | reverse (reverse KL) | jsd."""
-    temperature: float = 1.0
-    """KD: softmax temperature (the loss is scaled by T^2)."""
-    jsd_beta: float = 0.5
-    """KD: interpolation weight of the generalized JSD."""
-    kd_topk: int = 0
-    """KD: distil from the teacher's k most likely tokens at each position, their probabilities renormalized to sum to 1 (forward KD only; k = vocabulary size is exactly forward KD). 0: the full distribution."""
-    cache_teacher: bool = False
-    """KD with kd_topk: compute the teacher's top-k log-probs once before training and cache them on disk (8k bytes per response token; keyed by the data, teacher model, tokenizer, max_len, k and temperature; a stale cache is rebuilt). No teacher is kept in memory while training."""
-    cache_reference: bool = False
-    """DPO: compute the reference log-probs once before training and cache them on disk (keyed by the data, reference model, tokenizer and max_len; a stale cache is rebuilt). No reference model is kept in memory while training."""
     optimum: Optional[float] = None
     """f_i^*: the objective's optimal value, if known (maxright gaps, distance to ideal point)."""
+
+    def check(self, where: str) -> None:
+        """Reject values of this kind's own fields that cannot run (``where``: ``objectives.N``);
+        raise ``ValueError`` naming the field. Kinds with fields override it."""
 
 
 @dataclass

@@ -14,16 +14,15 @@ from typing import Any
 import yaml
 
 from bipost import config as C
+from bipost.config import ConfigError
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says which field and why."""
+__all__ = ["ConfigError", "apply_override", "describe", "from_dict", "load_config", "validate"]
 
 
 # ---------------------------------------------------------------- building from dicts
 
 def _type_hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls, vars(C))
+    return typing.get_type_hints(cls, {**vars(C), **vars(inspect.getmodule(cls))})
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -38,6 +37,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        if tp is C.ObjectiveConfig:
+            return objective_from_dict(value, where)
         return from_dict(tp, value, where)
     if origin is list:
         (item,) = args
@@ -46,7 +47,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             value = parsed
         if not isinstance(value, (list, tuple)):
             value = [value]
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item, f"{where}.{i}") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -85,6 +86,35 @@ def from_dict(cls, data: dict, where: str = ""):
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+def objective_from_dict(data: dict, where: str) -> C.ObjectiveConfig:
+    """An objective's config as its kind's dataclass (``objectives.N.kind`` picks it).
+
+    A field of *another* kind is accepted only at that kind's default value (configs saved by
+    earlier bipost versions list every kind's fields on every objective) and is dropped."""
+    from bipost.kinds import get_kind, kinds  # the kind modules declare their configs
+
+    kind = str(data.get("kind", C.ObjectiveConfig.kind))
+    if kind not in kinds():
+        raise ConfigError(f"{where}.kind must be one of {', '.join(kinds())}, not {kind!r}")
+    cls = get_kind(kind).config_class
+    own = {f.name for f in dataclasses.fields(cls)}
+    foreign = {}
+    for other in kinds().values():
+        for f in dataclasses.fields(other.config_class):
+            if f.name not in own:
+                foreign.setdefault(f.name, (other.kind, f))
+    kept = {}
+    for key, value in data.items():
+        if key in own or key not in foreign:
+            kept[key] = value  # unknown keys: from_dict names them
+            continue
+        other, f = foreign[key]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if _coerce(value, _type_hints(get_kind(other).config_class)[key], f"{where}.{key}") != default:
+            raise ConfigError(f"{where}.{key} is a field of {other} objectives, not of {kind}")
+    return from_dict(cls, kept, where)
 
 
 def to_dict(cfg) -> dict:
@@ -132,6 +162,13 @@ def _index(part: str, node: list, key: str) -> int:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> C.RunConfig:
     """Read YAML (optional), apply overrides, build and validate a ``RunConfig``."""
+    cfg = from_dict(C.RunConfig, load_tree(path, overrides))
+    validate(cfg)
+    return cfg
+
+
+def load_tree(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The plain dict of a YAML file (optional) with the overrides applied, before typing."""
     tree: dict = {}
     if path is not None:
         try:
@@ -144,9 +181,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for ov in overrides:
         apply_override(tree, ov)
-    cfg = from_dict(C.RunConfig, tree)
-    validate(cfg)
-    return cfg
+    return tree
 
 
 # ---------------------------------------------------------------- validation
@@ -163,7 +198,6 @@ def validate(cfg: C.RunConfig) -> None:
     seen: dict[str, int] = {}
     for i, obj in enumerate(cfg.objectives):
         w = f"objectives.{i}"
-        _check(obj.kind in ("sft", "dpo", "kd"), f"{w}.kind must be sft, dpo or kd, not {obj.kind!r}")
         if obj.name is None:
             seen[obj.kind] = seen.get(obj.kind, 0) + 1
             obj.name = obj.kind if seen[obj.kind] == 1 else f"{obj.kind}_{seen[obj.kind]}"
@@ -175,22 +209,11 @@ def validate(cfg: C.RunConfig) -> None:
                f"{w}: batch_size {obj.batch_size} must be a multiple of micro_batch_size {obj.micro_batch_size}")
         _check(obj.data.max_len >= 4, f"{w}.data.max_len must be >= 4")
         _check(0.0 <= obj.data.eval_fraction < 1.0, f"{w}.data.eval_fraction must be in [0, 1)")
-        if obj.kind == "dpo":
-            _check(obj.beta > 0, f"{w}.beta must be > 0")
-            _check(obj.loss_type in ("sigmoid", "ipo"), f"{w}.loss_type must be sigmoid or ipo")
-            _check(0 <= obj.label_smoothing < 0.5, f"{w}.label_smoothing must be in [0, 0.5)")
-        _check(obj.kind == "kd" or not (obj.cache_teacher or obj.kd_topk),
-               f"{w}: kd_topk and cache_teacher apply to kd objectives only")
-        if obj.kind == "kd":
-            _check(bool(obj.teacher), f"{w}.teacher is required for kd (a model sharing the policy's tokenizer)")
-            _check(obj.kd_loss in ("forward", "reverse", "jsd"), f"{w}.kd_loss must be forward, reverse or jsd")
-            _check(obj.temperature > 0, f"{w}.temperature must be > 0")
-            _check(0 < obj.jsd_beta < 1, f"{w}.jsd_beta must be in (0, 1)")
-            _check(obj.kd_topk >= 0, f"{w}.kd_topk must be >= 0")
-            _check(obj.kd_topk == 0 or obj.kd_loss == "forward",
-                   f"{w}.kd_topk distils the teacher's top-k tokens with forward KD; kd_loss is {obj.kd_loss!r}")
-            _check(not obj.cache_teacher or obj.kd_topk > 0,
-                   f"{w}.cache_teacher caches the teacher's top-k log-probs: set {w}.kd_topk (e.g. 32)")
+        from bipost.kinds import get_kind
+
+        _check(isinstance(obj, get_kind(obj.kind).config_class),
+               f"{w}: a {obj.kind} objective's config must be a {get_kind(obj.kind).config_class.__name__}")
+        obj.check(w)
     names = [o.name for o in cfg.objectives]
     _check(len(set(names)) == len(names), f"objective names must be unique, got {names}")
     total = sum(o.weight for o in cfg.objectives)
@@ -205,7 +228,7 @@ def validate(cfg: C.RunConfig) -> None:
     if s.name == "single":
         _check(len(cfg.objectives) == 1,
                f"schedule 'single' trains one objective; {len(cfg.objectives)} given "
-               f"(pick sequential, mix, alright or maxright)")
+               f"(pick sequential, mix, alright, maxright or bilevel)")
     _check(s.max_eval_steps >= 1, "schedule.max_eval_steps must be >= 1")
     o = cfg.optim
     _check(o.lr > 0, "optim.lr must be > 0")
@@ -230,8 +253,7 @@ def validate(cfg: C.RunConfig) -> None:
 
 
 def _validate_selector(cfg: C.RunConfig) -> None:
-    """The bilevel schedule and the data selector (runs before the schedule checks: with the selector on,
-    an unset schedule (``single``) becomes ``bilevel``)."""
+    """The bilevel schedule and the data selector."""
     s, sel = cfg.schedule, cfg.selector
     _check(s.lambda_decay >= 0, "schedule.lambda_decay must be >= 0")
     if s.name == "bilevel":
@@ -242,8 +264,8 @@ def _validate_selector(cfg: C.RunConfig) -> None:
         return
     _check(len(cfg.objectives) >= 2, "selector.enabled needs two objectives: the trusted (upper-level) one "
                                      "first and the one whose rows are weighted (lower level) second")
-    if s.name == "single":
-        s.name = "bilevel"
+    _check(s.name != "single", "selector.enabled trains the upper and the lower objective together: set "
+                               "schedule.name (bilevel: the seeds' penalty method; `bipost select` defaults to it)")
     names = [o.name for o in cfg.objectives]
     sel.objective = sel.objective or names[-1]
     _check(sel.objective in names, f"selector.objective {sel.objective!r} is not an objective name ({names})")
@@ -281,7 +303,8 @@ def field_docs(cls) -> dict[str, str]:
 
 
 def describe(cls=C.RunConfig, prefix: str = "") -> list[str]:
-    """One line per leaf field: ``dotted.name (type, default): docstring``."""
+    """One line per leaf field: ``dotted.name (type, default): docstring``; each objective kind's
+    own fields follow the common objective fields."""
     lines = []
     hints = _type_hints(cls)
     docs = field_docs(cls)
@@ -292,10 +315,32 @@ def describe(cls=C.RunConfig, prefix: str = "") -> list[str]:
             lines.append(f"{key}: {docs.get(f.name, '')}")
             lines += describe(tp, key + ".")
         elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            item = typing.get_args(tp)[0]
             lines.append(f"{key}: {docs.get(f.name, '')} (a list; items:)")
-            lines += describe(typing.get_args(tp)[0], key + ".N.")
+            lines += describe(item, key + ".N.")
+            if item is C.ObjectiveConfig:
+                lines += _describe_kinds(key + ".N.")
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
-            lines.append(f"  {key} ({tname}, default {default!r}): {docs.get(f.name, '')}")
+            lines.append(_leaf(f, tp, key, docs))
+    return lines
+
+
+def _leaf(f: dataclasses.Field, tp: Any, key: str, docs: dict[str, str]) -> str:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+    return f"  {key} ({tname}, default {default!r}): {docs.get(f.name, '')}"
+
+
+def _describe_kinds(prefix: str) -> list[str]:
+    from bipost.kinds import kinds
+
+    lines = []
+    common = {f.name for f in dataclasses.fields(C.ObjectiveConfig)}
+    for name, kind in kinds().items():
+        cls = kind.config_class
+        own = [f for f in dataclasses.fields(cls) if f.name not in common]
+        doc = " ".join((kind.__doc__ or "").split())
+        lines.append(f"{prefix[:-1]} with kind={name}: {doc}")
+        hints, docs = _type_hints(cls), field_docs(cls)
+        lines += [_leaf(f, hints[f.name], prefix + f.name, docs) for f in own]
     return lines

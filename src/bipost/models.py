@@ -91,27 +91,26 @@ def is_peft(model) -> bool:
 
 
 @contextlib.contextmanager
-def as_reference(model) -> Iterator[None]:
+def as_reference(peft_model) -> Iterator[None]:
     """Run a LoRA policy as its own reference: adapter disabled, eval mode (no dropout), no grad.
 
     This is the "free" reference of a LoRA run: the base weights *are* the initial policy, so no
-    second copy of the model is kept in memory.
+    second copy of the model is kept in memory. ``peft_model`` is the peft model itself (inside any
+    DDP wrapper: ``ModelAccess.outer_module``); forwards may still go through the wrapper.
     """
-    was_training = model.training
-    model.eval()
+    was_training = peft_model.training
+    peft_model.eval()
     try:
-        with torch.no_grad(), _peft_model(model).disable_adapter():
+        with torch.no_grad(), peft_model.disable_adapter():
             yield
     finally:
-        model.train(was_training)
+        peft_model.train(was_training)
 
 
-def _peft_model(model):
-    """The peft model inside a DDP wrapper (DeepSpeed engines and FSDP2 modules pass attributes through)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def trainable_parameters(model) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
+def compile_layers(model) -> None:
+    """``torch.compile`` each decoder layer in place. Shapes start static and turn dynamic on the
+    first change (torch's automatic dynamic): fixed-length rows keep the leaner static code,
+    packed rows of varying length recompile once."""
+    inner = model.get_base_model() if is_peft(model) else model
+    for layer in inner.get_decoder().layers:
+        layer.compile()

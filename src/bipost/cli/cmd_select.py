@@ -36,13 +36,18 @@ def _criterion(args) -> dict:
 
 
 def _select_config(args):
-    from bipost.configio import load_config
+    """The config with the selector on; the schedule defaults to ``bilevel`` (the seeds' penalty
+    method) unless the file or the overrides name one."""
+    from bipost.configio import load_config, load_tree
 
-    return load_config(args.config, ["selector.enabled=true", *args.overrides])
+    overrides = ["selector.enabled=true", *args.overrides]
+    if "name" not in (load_tree(args.config, overrides).get("schedule") or {}):
+        overrides.insert(0, "schedule.name=bilevel")
+    return load_config(args.config, overrides)
 
 
 def run_train(args) -> int:
-    from bipost.train.loop import train
+    from bipost.run import train
 
     cfg = _select_config(args)
     result = train(cfg)
@@ -92,7 +97,7 @@ def follow_up_config(cfg, filtered: Path, out: Path, then: str, then_set: list[s
 def run_pipeline(args) -> int:
     from bipost.selector.filter import filter_rows
     from bipost.selector.outputs import find_weights_file
-    from bipost.train.loop import train
+    from bipost.run import train
 
     cfg = _select_config(args)
     run_dir = Path(cfg.train.output_dir)

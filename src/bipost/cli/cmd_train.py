@@ -13,7 +13,7 @@ objectives.0.weight=0.3). Fields:
 
 def run(args) -> int:
     from bipost.configio import load_config
-    from bipost.train.loop import train
+    from bipost.run import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)

@@ -28,8 +28,9 @@ import os
 import sys
 from typing import Any, NoReturn, Sequence
 
-from bipost.configio import ConfigError, apply_override, from_dict, validate
 from bipost.config import RunConfig
+from bipost.configio import ConfigError, apply_override, from_dict, validate
+from bipost.kinds import get_kind, kind_of_cli_name, kinds
 
 log = logging.getLogger("bipost")
 
@@ -55,8 +56,6 @@ applies to SFT/KD prompts only). Any other bipost setting: --set key.sub=value (
 `bipost train --help`), e.g. --set train.max_steps=100."""
 
 SCHEDULES = ("alright", "maxright", "mix", "sequential")
-OBJECTIVES = ("sft", "dpo", "kd")
-NEEDS_MODEL = ("dpo", "kd")
 EVAL_FRACTION = 0.03
 """Held-out share of each objective's rows when no --eval_split_N is given (the seeds' 3%)."""
 
@@ -83,10 +82,18 @@ class SeedArgError(ConfigError):
 # ---------------------------------------------------------------------------------- parser
 
 def _objective_kind(value: str) -> str:
-    kind = value.strip().lower()
-    if kind not in OBJECTIVES:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an objective (SFT, DPO or KD, any case)")
-    return kind
+    try:
+        return kind_of_cli_name(value).kind
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _needs_model(kind: str) -> bool:
+    return get_kind(kind).seed_model is not None
+
+
+def _is_pref(kind: str) -> bool:
+    return get_kind(kind).examples.name == "pref"
 
 
 def _number_or_none(value: str) -> int:
@@ -115,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lambd", type=float, default=0.5, help="lambda of obj_1 (obj_2 gets 1 - lambda); see below")
     g.add_argument("--max_eval_steps", type=int, default=10,
                    help="maxright: re-evaluate both objectives without gradients every N steps (default 10)")
+    names = " | ".join(k.cli_name for k in kinds().values())
     for n in (1, 2):
         g.add_argument(f"--obj_{n}", type=_objective_kind, default="sft",
-                       help=f"objective {n}: SFT | DPO | KD (default SFT)")
+                       help=f"objective {n}: {names} (default SFT)")
         g.add_argument(f"--obj_opt_{n}", type=float, default=None,
                        help=f"f*_{n}, the optimal value of objective {n} (maxright gaps, --eps); "
                             f"unset: maxright estimates it online")
@@ -155,13 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--pref_{key}_key", default=key, help=f"{key} column of the preference data")
         g.add_argument(f"--pref_{key}_key_2", default=None, help=f"obj_2's {key} column when both are DPO")
 
-    g = p.add_argument_group("DPO (the _2 forms: obj_2's, when both objectives are DPO)")
-    for sfx in ("", "_2"):
-        g.add_argument(f"--dpo_beta{sfx}", type=float, default=None, help="inverse temperature (default 0.1)")
-        g.add_argument(f"--dpo_ipo{sfx}", action="store_true", default=None, help="IPO loss")
-        g.add_argument(f"--dpo_label_smoothing{sfx}", type=float, default=None, help="cDPO epsilon (default 0)")
-        g.add_argument(f"--dpo_nll_loss_coef{sfx}", type=float, default=None,
-                       help="NLL on the chosen response (default 0)")
+    for kind in kinds().values():
+        kind.add_seed_args(p)
 
     g = p.add_argument_group("optimization")
     g.add_argument("--train_batch_size", type=int, default=128, help="examples per optimizer step, all ranks")
@@ -226,15 +229,15 @@ def _floats(text: str, flag: str) -> list[float]:
         raise SeedArgError(f"{flag} takes space-separated numbers, got {text!r}") from None
 
 
-def _pick(args, base: str, n: int, both: bool, default: Any, why: str) -> Any:
+def _pick(args, base: str, n: int, both: bool, default: Any, family: str) -> Any:
     """Objective ``n``'s value of a flag that has a ``_2`` form: objective 2 takes the ``_2`` flag
-    when ``both`` objectives are of the family (``why``), else everyone takes the shared flag. A
+    when ``both`` objectives are of the ``family``, else everyone takes the shared flag. A
     ``_2`` flag the seed would have ignored is an error."""
     second = getattr(args, f"{base}_2")
     if n == 2 and both:
         return default if second is None else second
     if second is not None and not both:
-        _fail(f"--{base}_2 applies only when {why}; here the {why.split()[-1]} objective uses --{base}")
+        _fail(f"--{base}_2 applies only when both objectives are {family}; here the {family} objective uses --{base}")
     value = getattr(args, base)
     return default if value is None else value
 
@@ -260,18 +263,18 @@ def _data(args, n: int, kind: str, kinds: list[str]) -> dict:
         data["eval_split"] = eval_split
     else:
         data["eval_fraction"] = EVAL_FRACTION
-    if kind == "dpo":
-        both = all(k == "dpo" for k in kinds)
+    if _is_pref(kind):
+        both = all(_is_pref(k) for k in kinds)
         for key in ("prompt", "chosen", "rejected"):
-            data[f"{key}_key"] = _pick(args, f"pref_{key}_key", n, both, key, "both objectives are DPO")
+            data[f"{key}_key"] = _pick(args, f"pref_{key}_key", n, both, key, "preference (DPO)")
         data["format"] = "preference"
         if getattr(args, f"apply_chat_template_{n}"):
             log.info("--apply_chat_template_%d: preference conversations are always rendered with the "
                      "chat template", n)
     else:
-        both = all(k in ("sft", "kd") for k in kinds)
-        data["input_key"] = _pick(args, "input_key", n, both, "input", "both objectives are SFT/KD")
-        data["output_key"] = _pick(args, "output_key", n, both, "output", "both objectives are SFT/KD")
+        both = not any(_is_pref(k) for k in kinds)
+        data["input_key"] = _pick(args, "input_key", n, both, "input", "SFT/KD")
+        data["output_key"] = _pick(args, "output_key", n, both, "output", "SFT/KD")
         data["input_template"] = getattr(args, f"input_template_{n}") or args.input_template
         if getattr(args, f"apply_chat_template_{n}"):
             # Conversation columns: prompt = chat(input turns) + generation prompt, response = the rest.
@@ -288,33 +291,36 @@ def _objective(args, n: int, kinds: list[str]) -> dict:
     obj: dict[str, Any] = {"kind": kind, "weight": weight, "data": _data(args, n, kind, kinds)}
     if getattr(args, f"obj_opt_{n}") is not None:
         obj["optimum"] = getattr(args, f"obj_opt_{n}")
-    if kind == "dpo":
-        both = all(k == "dpo" for k in kinds)
-        why = "both objectives are DPO"
-        beta = _pick(args, "dpo_beta", n, both, 0.1, why)
-        ipo = _pick(args, "dpo_ipo", n, both, False, why)
-        smoothing = _pick(args, "dpo_label_smoothing", n, both, 0.0, why)
-        nll = _pick(args, "dpo_nll_loss_coef", n, both, 0.0, why)
-        sfx = "_2" if n == 2 and both else ""
-        if ipo and smoothing:
-            _fail(f"--dpo_ipo{sfx} and --dpo_label_smoothing{sfx} contradict each other: label smoothing (cDPO) "
-                  f"belongs to the sigmoid DPO loss, IPO has none")
-        obj.update(beta=beta, loss_type="ipo" if ipo else "sigmoid", label_smoothing=smoothing, nll_coef=nll)
+    cls = get_kind(kind)
+    obj.update(cls.seed_fields(args, SeedPick(args, n, all(k == kind for k in kinds), cls.cli_name)))
     model = _frozen_model(args, n, kinds)
-    if kind == "dpo" and model:
-        obj["reference"] = model
-    if kind == "kd":
-        if not model:
-            flag = "--ref_model_2" if n == 2 and all(k in NEEDS_MODEL for k in kinds) else "--ref_model"
-            _fail(f"--obj_{n} KD needs a teacher model: pass {flag} (a model sharing the policy's tokenizer)")
-        obj["teacher"] = model
+    if model:
+        obj[cls.seed_model] = model
+    elif cls.seed_model_required:
+        flag = "--ref_model_2" if n == 2 and all(_needs_model(k) for k in kinds) else "--ref_model"
+        _fail(f"--obj_{n} {cls.cli_name} needs a {cls.seed_model} model: pass {flag} "
+              f"(a model sharing the policy's tokenizer)")
     return obj
+
+
+class SeedPick:
+    """A kind's flag values for objective ``n`` (``_pick``: its ``_2`` forms when both objectives are
+    of that kind), and the flag each came from (for messages)."""
+
+    def __init__(self, args, n: int, both: bool, family: str):
+        self.args, self.n, self.both, self.family = args, n, both, family
+
+    def __call__(self, base: str, default: Any) -> Any:
+        return _pick(self.args, base, self.n, self.both, default, self.family)
+
+    def flag(self, base: str) -> str:
+        return f"--{base}_2" if self.n == 2 and self.both else f"--{base}"
 
 
 def _frozen_model(args, n: int, kinds: list[str]) -> str | None:
     """The seed's rule: --ref_model for the objective that needs a model; --ref_model_2 for
     objective 2 when both do."""
-    needs = [k in NEEDS_MODEL for k in kinds]
+    needs = [_needs_model(k) for k in kinds]
     if args.ref_model and not any(needs):
         _fail("--ref_model is the DPO reference or KD teacher, but neither objective is DPO or KD")
     if args.ref_model_2 and not all(needs):
@@ -462,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _wandb_environment(args)
 
-    from bipost.train.loop import train
+    from bipost.run import train
 
     def run() -> int:
         result = train(cfg)

@@ -15,7 +15,8 @@ seed flag                      config field
                                data.input_key/output_key, data.max_samples (--max_samples_1)
 --obj_2, --dataset_2, ...      objectives.1 (lower level, the rows that get weights); keys
                                --input_key_2/--output_key_2 (default: the _1 keys)
---pref_*_key                   data.prompt_key/chosen_key/rejected_key of DPO objectives
+--pref_*_key                   data.prompt_key/chosen_key/rejected_key of preference objectives
+--ref_model, --dpo_*           a kind's reference/teacher and own flags (as train_bi_objective)
 --lambd                        objectives.0.weight = lambda, objectives.1.weight = 1 - lambda
                                (u, the upper-level weight)
 --upperlevel_weight_decay      schedule.lambda_decay (u drops by it every epoch; default 0.1
@@ -38,8 +39,7 @@ import argparse
 import sys
 
 from bipost.cli.common import print_main, run_guarded, setup_process
-
-OBJECTIVES = {"SFT": "sft", "DPO": "dpo"}
+from bipost.kinds import kinds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,11 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--flash_attn", action="store_true", help="flash_attention_2")
     m.add_argument("--gradient_checkpointing", action="store_true")
     d = p.add_argument_group("objectives and data")
-    d.add_argument("--obj_1", type=str.upper, choices=sorted(OBJECTIVES), default="SFT",
+    names = sorted(k.cli_name for k in kinds().values())
+    d.add_argument("--obj_1", type=str.upper, choices=names, default="SFT",
                    help="upper-level objective on dataset_1")
     d.add_argument("--dataset_1", required=True)
     d.add_argument("--max_samples_1", type=int, default=None)
-    d.add_argument("--obj_2", type=str.upper, choices=sorted(OBJECTIVES), default="SFT",
+    d.add_argument("--obj_2", type=str.upper, choices=names, default="SFT",
                    help="lower-level objective on dataset_2 (its rows get weights)")
     d.add_argument("--dataset_2", required=True)
     d.add_argument("--max_samples_2", type=int, default=None)
@@ -74,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pref_prompt_key", default="prompt")
     d.add_argument("--pref_chosen_key", default="chosen")
     d.add_argument("--pref_rejected_key", default="rejected")
-    d.add_argument("--ref_model", default=None, help="DPO reference (default: the initial policy)")
-    d.add_argument("--dpo_beta", type=float, default=0.1)
+    d.add_argument("--ref_model", default=None,
+                   help="the reference or teacher of the objective that needs one (DPO default: the initial policy)")
     d.add_argument("--max_len", type=int, default=None, help="longest sequence in tokens (default 512)")
     s = p.add_argument_group("bilevel selection")
     s.add_argument("--lambd", type=float, default=0.5, help="initial upper-level weight u in [0, 1]")
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--selector_learning_rate", type=float, default=1e-4)
     s.add_argument("--selector_activation", choices=["softmax", "sigmoid"], default="softmax")
     s.add_argument("--selector_name", default="selector", help="output folder under --save_path")
+    for kind in kinds().values():
+        kind.add_seed_args(p)
     t = p.add_argument_group("training")
     t.add_argument("--train_batch_size", type=int, default=16, help="rows per optimizer step, per objective")
     t.add_argument("--micro_train_batch_size", type=int, default=1)
@@ -102,14 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def to_config(args: argparse.Namespace):
     """The seed flags as a validated ``RunConfig``."""
+    from bipost.cli.train_bi_objective import SeedPick
     from bipost.config import RunConfig
     from bipost.configio import ConfigError, from_dict, validate
+    from bipost.kinds import kind_of_cli_name
 
     if not 0.0 <= args.lambd <= 1.0:
         raise ConfigError(f"--lambd must be in [0, 1], got {args.lambd}")
+    chosen = [kind_of_cli_name(args.obj_1), kind_of_cli_name(args.obj_2)]
 
     def objective(i: int) -> dict:
-        kind = OBJECTIVES[getattr(args, f"obj_{i}")]
+        cls = chosen[i - 1]
+        kind = cls.kind
         data = {
             "path": getattr(args, f"dataset_{i}"),
             "max_samples": getattr(args, f"max_samples_{i}"),
@@ -123,15 +130,15 @@ def to_config(args: argparse.Namespace):
         if args.max_len is not None:
             data["max_len"] = args.max_len
         obj = {"kind": kind, "data": data, "weight": args.lambd if i == 1 else 1.0 - args.lambd}
-        if kind == "dpo":
-            obj["beta"] = args.dpo_beta
-            obj["reference"] = args.ref_model
+        obj.update(cls.seed_fields(args, SeedPick(args, i, chosen[0] is chosen[1], cls.cli_name)))
+        if cls.seed_model and args.ref_model:
+            obj[cls.seed_model] = args.ref_model
         return obj
 
     tree = {
         "model": {
             "path": args.pretrain,
-            "dtype": "bfloat16" if args.bf16 else "auto",
+            "dtype": "bfloat16" if args.bf16 else "float32",  # as train_bi_objective and the seeds
             "attn_implementation": "flash_attention_2" if args.flash_attn else "auto",
             "gradient_checkpointing": args.gradient_checkpointing,
             "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     def run() -> int:
         cfg = to_config(args)
-        from bipost.train.loop import train
+        from bipost.run import train
 
         result = train(cfg)
         print_main(f"[train_selector] run directory: {result.output_dir}; weights: "

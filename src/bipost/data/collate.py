@@ -11,10 +11,7 @@ from typing import Sequence
 
 import torch
 
-from bipost.data.types import PrefExample, SFTExample
-
-IGNORE_INDEX = -100
-"""Label value of positions that carry no loss."""
+from bipost.data.types import IGNORE_INDEX, PrefExample, SFTExample
 
 
 def _pad(sequences: list[tuple[tuple[int, ...], tuple[int, ...]]], pad_id: int) -> dict[str, torch.Tensor]:

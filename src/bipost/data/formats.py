@@ -43,9 +43,6 @@ from bipost.data.sources import DataError, Row
 logger = logging.getLogger("bipost")
 
 FORMATS = ("input_output", "prompt_completion", "messages", "preference")
-SFT_FORMATS = ("input_output", "prompt_completion", "messages")
-KIND_FORMATS = {"sft": SFT_FORMATS, "kd": SFT_FORMATS, "dpo": ("preference",)}
-"""Which formats each objective kind accepts."""
 
 IMPLICIT_PROMPT_MARKER = "Assistant:"
 """Where an implicit (HH-RLHF style) prompt ends: just after the last such marker shared by both dialogues."""
@@ -72,17 +69,12 @@ class _Skip(Exception):
     """Internal: this row is skipped for the reason in ``args[0]``."""
 
 
-def check_kind(kind: str) -> None:
-    if kind not in KIND_FORMATS:
-        raise ValueError(f"unknown objective kind '{kind}' (expected one of {sorted(KIND_FORMATS)})")
-
-
-def detect_format(keys: Iterable[str], cfg: DataConfig, kind: str) -> Optional[str]:
-    """The format a row with ``keys`` looks like, preferring one ``kind`` accepts.
+def detect_format(keys: Iterable[str], cfg: DataConfig, accepted: Iterable[str] = FORMATS) -> Optional[str]:
+    """The format a row with ``keys`` looks like, preferring one of ``accepted``.
 
     Checked in this order: ``messages_key`` → messages; ``prompt_key`` + ``completion_key`` →
     prompt_completion; ``chosen_key`` + ``rejected_key`` → preference; ``input_key`` +
-    ``output_key`` → input_output. The first match that ``kind`` accepts wins; otherwise the
+    ``output_key`` → input_output. The first match in ``accepted`` wins; otherwise the
     first match (which :func:`resolve_format` then rejects); ``None`` when nothing matches.
     """
     keys = set(keys)
@@ -95,23 +87,27 @@ def detect_format(keys: Iterable[str], cfg: DataConfig, kind: str) -> Optional[s
         matches.append("preference")
     if cfg.input_key in keys and cfg.output_key in keys:
         matches.append("input_output")
-    accepted = [m for m in matches if m in KIND_FORMATS.get(kind, FORMATS)]
-    return (accepted or matches or [None])[0]
+    preferred = [m for m in matches if m in set(accepted)]
+    return (preferred or matches or [None])[0]
 
 
-def resolve_format(cfg: DataConfig, first_row: Optional[Row], kind: str, name: str = "") -> str:
-    """The concrete format for ``cfg.format`` and objective ``kind``; logs what ``auto`` picked.
+def resolve_format(cfg: DataConfig, first_row: Optional[Row], examples, name: str = "", who: str = "") -> str:
+    """The concrete format for ``cfg.format`` and the example type ``examples`` (an
+    ``ExampleType`` or its name, ``data.examples``); logs what ``auto`` picked.
 
-    Raises :class:`DataError` when ``auto`` recognises nothing or the format does not suit
-    ``kind`` (``sft``/``kd`` need an SFT format, ``dpo`` needs ``preference``).
+    Raises :class:`DataError` when ``auto`` recognises nothing or the format does not produce that
+    example type (the message names ``who`` needs it, e.g. "objective 'dpo'").
     """
-    check_kind(kind)
+    from bipost.data.examples import example_type
+
+    etype = example_type(examples)
+    accepted, who = etype.formats, who or f"{etype.name} examples"
     name = name or cfg.path
     fmt = cfg.format
     if fmt == "auto":
         if first_row is None:
             raise DataError(f"'{name}': no rows, so the format can't be detected")
-        fmt = detect_format(first_row.data.keys(), cfg, kind)
+        fmt = detect_format(first_row.data.keys(), cfg, accepted)
         if fmt is None:
             raise DataError(
                 f"'{name}': can't detect the data format from the first row's keys "
@@ -123,9 +119,8 @@ def resolve_format(cfg: DataConfig, first_row: Optional[Row], kind: str, name: s
         logger.info("data '%s': format auto-detected as '%s' (from keys %s)", name, fmt, sorted(first_row.data))
     elif fmt not in FORMATS:
         raise DataError(f"unknown data format '{fmt}' (expected auto or one of {list(FORMATS)})")
-    if fmt not in KIND_FORMATS[kind]:
-        need = "a preference format (chosen/rejected)" if kind == "dpo" else f"an SFT format ({', '.join(SFT_FORMATS)})"
-        raise DataError(f"'{name}': objective '{kind}' needs {need}, but the data format is '{fmt}'")
+    if fmt not in accepted:
+        raise DataError(f"'{name}': {who} needs {etype.needs}, but the data format is '{fmt}'")
     return fmt
 
 

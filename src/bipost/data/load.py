@@ -24,10 +24,10 @@ from typing import Any, Sequence, Union
 import torch
 
 from bipost.config import DataConfig
-from bipost.data.collate import collate_pref, collate_sft
-from bipost.data.formats import PrefText, SFTText, check_kind, format_row, resolve_format
+from bipost.data.examples import ExampleType, example_type
+from bipost.data.formats import PrefText, SFTText, format_row, resolve_format
 from bipost.data.sources import DataError, Row, load_split
-from bipost.data.tokenize import TokenPolicy, encode_pref_batch, encode_sft_batch
+from bipost.data.tokenize import TokenPolicy
 from bipost.data.types import PrefExample, SFTExample
 
 logger = logging.getLogger("bipost")
@@ -42,6 +42,7 @@ class LoadSummary:
     path: str
     split: str
     kind: str
+    """What the rows are for: the objective's name, or the example type."""
     format: str = ""
     rows_read: int = 0
     """Rows in the training split."""
@@ -93,14 +94,14 @@ class ObjectiveData:
     train: list[Example]
     eval: list[Example]
     summary: LoadSummary
+    examples: ExampleType
+    """Their example type."""
     pad_id: int = 0
     """Padding id to collate with (the tokenizer's pad id, else its EOS id)."""
 
     def collate(self, examples: Sequence[Example]) -> dict:
-        """Collate ``examples`` of this objective (SFT or preference) with :attr:`pad_id`."""
-        if self.summary.kind == "dpo":
-            return collate_pref(examples, self.pad_id)
-        return collate_sft(examples, self.pad_id)
+        """Padded micro-batch of ``examples`` with :attr:`pad_id`."""
+        return self.examples.collate(examples, self.pad_id)
 
 
 def _hold_out(rows: list[Row], cfg: DataConfig) -> tuple[list[Row], list[Row]]:
@@ -122,7 +123,7 @@ def _hold_out(rows: list[Row], cfg: DataConfig) -> tuple[list[Row], list[Row]]:
     return [rows[i] for i in train_pos], [rows[i] for i in sorted(held)]
 
 
-def _examples(rows: list[Row], fmt: str, cfg: DataConfig, kind: str, policy: TokenPolicy,
+def _examples(rows: list[Row], fmt: str, cfg: DataConfig, etype: ExampleType, policy: TokenPolicy,
               skipped: Counter, counts: Counter) -> list[Example]:
     items: list[tuple] = []
     for row in rows:
@@ -134,9 +135,8 @@ def _examples(rows: list[Row], fmt: str, cfg: DataConfig, kind: str, policy: Tok
         else:
             assert isinstance(text, SFTText)
             items.append((row.row_id, text.prompt, text.response))
-    encode = encode_pref_batch if kind == "dpo" else encode_sft_batch
     out: list[Example] = []
-    for result in encode(items, policy, cfg.max_len, counts):
+    for result in etype.encode(items, policy, cfg.max_len, counts):
         if isinstance(result, str):
             skipped[result] += 1
         else:
@@ -152,13 +152,16 @@ def _all_skipped(what: str, n: int, skipped: Counter, cfg: DataConfig) -> DataEr
     )
 
 
-def load_objective_data(cfg: DataConfig, kind: str, tokenizer: Any) -> ObjectiveData:
+def load_objective_data(cfg: DataConfig, examples: ExampleType | str, tokenizer: Any,
+                        objective: str = "") -> ObjectiveData:
     """Load, split, format and tokenize one objective's data (see the module doc).
 
-    ``kind`` is ``"sft"``/``"kd"`` (→ :class:`SFTExample`) or ``"dpo"`` (→ :class:`PrefExample`).
+    ``examples`` is the example type (``data.examples``: ``"sft"`` → :class:`SFTExample`, ``"pref"``
+    → :class:`PrefExample`); ``objective`` names the objective in messages.
     Raises :class:`DataError` for bad data or when every training (or eval) row is skipped.
     """
-    check_kind(kind)
+    etype = example_type(examples)
+    kind = objective or etype.name
     if not cfg.path:
         raise DataError("data.path is empty: set it to a file, a folder or a Hugging Face dataset name")
     if cfg.max_samples is not None and cfg.max_samples < 1:
@@ -188,15 +191,16 @@ def load_objective_data(cfg: DataConfig, kind: str, tokenizer: Any) -> Objective
             summary.eval_from = f"held out {cfg.eval_fraction:g} of the rows"
     summary.eval_rows = len(eval_rows)
 
-    summary.format = fmt = resolve_format(cfg, rows[0], kind)
+    who = f"objective '{objective}'" if objective else f"{etype.name} examples"
+    summary.format = fmt = resolve_format(cfg, rows[0], etype, who=who)
     counts: Counter = Counter()
-    train = _examples(train_rows, fmt, cfg, kind, policy, summary.skipped, counts)
+    train = _examples(train_rows, fmt, cfg, etype, policy, summary.skipped, counts)
     summary.truncated = counts["truncated"]
-    evals = _examples(eval_rows, fmt, cfg, kind, policy, summary.eval_skipped, Counter())
+    evals = _examples(eval_rows, fmt, cfg, etype, policy, summary.eval_skipped, Counter())
     summary.train_kept, summary.eval_kept = len(train), len(evals)
     if not train:
         raise _all_skipped("training", len(train_rows), summary.skipped, cfg)
     if eval_rows and not evals:
         raise _all_skipped("eval", len(eval_rows), summary.eval_skipped, cfg)
     logger.info("%s", summary)
-    return ObjectiveData(train=train, eval=evals, summary=summary, pad_id=policy.pad_id)
+    return ObjectiveData(train=train, eval=evals, summary=summary, examples=etype, pad_id=policy.pad_id)

@@ -9,7 +9,7 @@ the same examples without a single padding token:
   (and computed) once; ``r_i`` continues ``p_i``'s position ids and attends to ``p_i`` and itself.
 
 Attention never crosses sequences: the batch carries a :class:`PackedLayout`, which the model's
-packed-aware attention (``bipost.train.attention``) honours, and the model is never given a 2D
+packed-aware attention (``bipost.modeling.attention``) honours, and the model is never given a 2D
 attention mask. Which position predicts which token is explicit, because the shared prompt
 breaks the "next position" rule (the last prompt position predicts the first token of *both*
 responses):
@@ -193,8 +193,3 @@ def _unshared_pref(examples: Sequence[PrefExample]) -> dict:
     batch["row_ids"] = batch["row_ids"][:n]
     return batch
 
-
-def packed_collate(kind: str):
-    """The packed collate of an objective kind (``sft``/``kd`` → :func:`pack_sft`, ``dpo`` →
-    :func:`pack_pref`), a drop-in for ``collate_sft``/``collate_pref`` in an ``ExampleStream``."""
-    return pack_pref if kind == "dpo" else pack_sft

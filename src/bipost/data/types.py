@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+IGNORE_INDEX = -100
+"""Label value of positions that carry no loss (collated labels are unshifted: the logits at ``t``
+predict ``labels[t + 1]``)."""
+
 
 @dataclass(frozen=True)
 class SFTExample:

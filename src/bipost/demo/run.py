@@ -12,7 +12,7 @@ import torch
 from bipost.configio import load_config
 from bipost.demo import data as D
 from bipost.tiny import save_tiny
-from bipost.train.loop import train
+from bipost.run import train
 
 
 @torch.no_grad()

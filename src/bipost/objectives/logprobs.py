@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from bipost.data.types import IGNORE_INDEX
 
 
 def next_token_mask(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

@@ -93,11 +93,12 @@ def resolve_budget(cfg: RunConfig) -> int:
     if cfg.train.max_steps:
         return cfg.train.max_steps
     from bipost.data import load_objective_data
+    from bipost.kinds import get_kind
     from bipost.models import load_tokenizer
-    from bipost.train.setup import step_budget
+    from bipost.train.build import step_budget
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
-    runs = {o.name: SimpleNamespace(cfg=o, train=load_objective_data(o.data, o.kind, tokenizer).train)
+    runs = {o.name: SimpleNamespace(cfg=o, train=load_objective_data(o.data, get_kind(o.kind).examples, tokenizer).train)
             for o in cfg.objectives}
     return step_budget(cfg, runs)  # type: ignore[arg-type]
 
@@ -113,7 +114,7 @@ def _prepared(cfg: RunConfig, budget: int) -> RunConfig:
 
 def run_method(cfg: RunConfig, method: str, out: Path, lam: float | None = None) -> MethodResult:
     """Train ``cfg`` with schedule ``method`` into ``out`` (through the one loop)."""
-    from bipost.train.loop import train
+    from bipost.run import train
 
     cfg = copy.deepcopy(cfg)
     cfg.schedule.name = method

@@ -7,10 +7,8 @@ from bipost.schedules.maxright import Maxright
 from bipost.schedules.simple import Mix, Sequential, Single
 
 SCHEDULES: dict[str, type[Schedule]] = {
-    cls.name: cls for cls in (Single, Sequential, Mix, Alright, Maxright)
+    cls.name: cls for cls in (Single, Sequential, Mix, Alright, Maxright, Bilevel)
 }
-
-SCHEDULES[Bilevel.name] = Bilevel  # the data selector's schedule (bipost.selector)
 
 
 def make_schedule(objectives, cfg, max_steps: int, steps_per_pass: dict[str, int] | None = None,

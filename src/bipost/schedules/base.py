@@ -47,6 +47,11 @@ class Schedule:
     def plan(self, step: int, probe: Probe) -> StepPlan:
         raise NotImplementedError
 
+    def upper_weight(self, step: int) -> float | None:
+        """The upper-level objective's weight at ``step`` for bilevel schedules (the data selector
+        logs it); None for the others."""
+        return None
+
     def observe(self, step: int, losses: dict[str, float]) -> None:
         """Called after each step with the global pre-update losses of the objectives that ran."""
 

@@ -7,10 +7,10 @@ Per optimizer step, for the lower-level objective (``selector.objective``):
 * ``transform``: the objective's per-row losses become ``w_i.detach() * l_i`` with
   ``l_i = losses_i / units_i`` (the row's sequence-mean NLL for SFT, the pair loss for DPO); the
   detached ``l_i`` are kept with their row ids.
-* ``after_step``: the rows of every rank are gathered (``engine.all_reduce_sum``) and the selector
+* ``after_step``: the rows of every rank are gathered (``all_reduce_sum``) and the selector
   takes its Adam step on ``mean_i w(logits)_i * l_i`` — the ``l_i`` of the same, pre-update forward.
   If the lower objective did not run in the step (u = 1), its losses are first measured on its next
-  batches without gradients (``selector.update_every_step``). Every ``selector.every_epochs`` passes
+  batches without gradients (``selector.update_every_step``, the loop's ``measure``). Every ``selector.every_epochs`` passes
   over the lower data, the weights, a summary and (optionally) the model are written to
   ``<output_dir>/<selector.name>/epoch-NNN/``.
 * ``on_end``: the final weights and summary in ``<output_dir>/<selector.name>/``.
@@ -24,7 +24,7 @@ from bipost.config import SelectorConfig
 from bipost.objectives import ObjectiveOutput
 from bipost.selector.outputs import write_summary, write_weights
 from bipost.selector.weights import SelectorWeights
-from bipost.train.hooks import StepHook
+from bipost.train.hooks import HookContext, StepHook
 
 
 class SelectorHook(StepHook):
@@ -37,60 +37,44 @@ class SelectorHook(StepHook):
         self._losses: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ setup
-    def bind(self, trainer) -> None:
-        super().bind(trainer)
-        from bipost.train.setup import steps_per_pass
-
-        if self.cfg.objective not in trainer.runs:
-            raise ValueError(f"selector.objective {self.cfg.objective!r} is not one of {list(trainer.runs)}")
+    def bind(self, ctx: HookContext) -> None:
+        super().bind(ctx)
+        if self.cfg.objective not in ctx.objectives:
+            raise ValueError(f"selector.objective {self.cfg.objective!r} is not one of {list(ctx.objectives)}")
         self.name = self.cfg.objective
-        self.run = trainer.runs[self.name]
-        self.weights = SelectorWeights([e.row_id for e in self.run.train], self.cfg, trainer.max_steps)
-        self.per_pass = steps_per_pass(trainer.runs)[self.name]
-        self.dir = trainer.out / self.cfg.name
+        self.run = ctx.objectives[self.name]
+        self.weights = SelectorWeights([e.row_id for e in self.run.train], self.cfg, ctx.max_steps)
+        self.per_pass = self.run.steps_per_pass
+        self.dir = ctx.output_dir / self.cfg.name
         self._examples: dict | None = None
 
     @property
-    def engine(self):
-        return self.trainer.engine
+    def comm(self):
+        return self.ctx.comm
 
     # ------------------------------------------------------------------ inside the step
     def units(self, name, batch, default):
         return int(batch["row_ids"].shape[0]) if name == self.name else default
 
-    def _stash(self, batch: dict, per_row: torch.Tensor) -> None:
-        self._ids.append(batch["row_ids"].detach().cpu())
+    def _stash(self, row_ids: torch.Tensor, per_row: torch.Tensor) -> None:
+        self._ids.append(row_ids.detach().cpu())
         self._losses.append(per_row.detach().double().cpu())
 
     def transform(self, name, batch, out):
         if name != self.name:
             return out
         per_row = out.losses / out.units.clamp(min=1.0)
-        self._stash(batch, per_row)
+        self._stash(batch["row_ids"], per_row)
         w = self.weights.weights_of(batch["row_ids"]).to(per_row.device, per_row.dtype)
         return ObjectiveOutput(losses=w * per_row, units=torch.ones_like(out.units),
                                metrics={**out.metrics, "row_loss": per_row.detach()})
-
-    @torch.no_grad()
-    def _measure(self) -> None:
-        """The lower objective did not run this step: its per-row losses on its next step's batches,
-        without gradients (model in eval mode, like the loop's probes)."""
-        model = self.trainer.model
-        model.eval()
-        try:
-            for _ in range(self.run.accum):
-                batch = self.engine.to_device(self.run.stream.next())
-                out = self.run.task.loss(model, batch)
-                self._stash(batch, out.losses / out.units.clamp(min=1.0))
-        finally:
-            model.train()
 
     def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every rank's (row id, loss) pairs, in rank order, on every rank."""
         ids = torch.cat(self._ids) if self._ids else torch.zeros(0, dtype=torch.long)
         losses = torch.cat(self._losses) if self._losses else torch.zeros(0, dtype=torch.float64)
         self._ids, self._losses = [], []
-        eng = self.engine
+        eng = self.comm
         if eng.world_size == 1:
             return ids, losses
         counts = torch.zeros(eng.world_size, dtype=torch.float64)
@@ -105,7 +89,7 @@ class SelectorHook(StepHook):
 
     def after_step(self, step):
         if not self._ids and self.cfg.update_every_step:
-            self._measure()
+            self._stash(*self.ctx.measure(self.name))
         ids, losses = self._gather()
         metrics: dict = {}
         if ids.numel():
@@ -114,24 +98,24 @@ class SelectorHook(StepHook):
             metrics = {f"selector/{k}": v for k, v in stats.items()}
             metrics.update({"selector/row_loss": float(losses.mean()), "selector/w_min": float(w.min()),
                             "selector/w_max": float(w.max()), "selector/w_std": float(w.std())})
-        upper_weight = getattr(self.trainer.schedule, "upper_weight", None)
-        if upper_weight is not None:
-            metrics["selector/u"] = upper_weight(step)
+        u = self.ctx.upper_weight(step)
+        if u is not None:
+            metrics["selector/u"] = u
         every = self.cfg.every_epochs * self.per_pass
         if every and (step + 1) % every == 0:
             epoch = (step + 1) // self.per_pass
             self._write(self.dir / f"epoch-{epoch:03d}", step + 1, model=self.cfg.save_epoch_models)
         return metrics
 
-    def on_end(self) -> None:
-        self._write(self.dir, self.trainer.step, model=False)  # the model is the run's final/
-        self.engine.print(f"[selector] weights of {len(self.weights)} rows of '{self.name}' in {self.dir}")
+    def on_end(self, step: int) -> None:
+        self._write(self.dir, step, model=False)  # the model is the run's final/
+        self.comm.print(f"[selector] weights of {len(self.weights)} rows of '{self.name}' in {self.dir}")
 
     # ------------------------------------------------------------------ outputs
     def meta(self, step: int) -> dict:
         data = self.run.cfg.data
         return {"objective": self.name, "kind": self.run.cfg.kind, "data_path": data.path, "split": data.split,
-                "rows_read": getattr(self.run.summary, "rows_read", None), "activation": self.cfg.activation,
+                "rows_read": self.run.rows_read, "activation": self.cfg.activation,
                 "step": step, "epoch": step / self.per_pass, "steps_per_epoch": self.per_pass}
 
     def text_of(self, row_id: int) -> dict[str, str]:
@@ -139,26 +123,21 @@ class SelectorHook(StepHook):
         if self._examples is None:
             self._examples = {e.row_id: e for e in self.run.train}
         e = self._examples[row_id]
-        dec = self.trainer.tokenizer.decode
+        dec = self.ctx.decode
         if hasattr(e, "chosen_ids"):
-            return {"prompt": dec(e.prompt_ids, skip_special_tokens=True),
-                    "chosen": dec(e.chosen_ids, skip_special_tokens=True),
-                    "rejected": dec(e.rejected_ids, skip_special_tokens=True)}
-        return {"prompt": dec(e.prompt_ids, skip_special_tokens=True),
-                "response": dec(e.response_ids, skip_special_tokens=True)}
+            return {"prompt": dec(e.prompt_ids), "chosen": dec(e.chosen_ids), "rejected": dec(e.rejected_ids)}
+        return {"prompt": dec(e.prompt_ids), "response": dec(e.response_ids)}
 
     def _write(self, folder, step: int, model: bool) -> None:
-        if self.engine.is_main:
+        if self.comm.is_main:
             table = self.weights.table()
             meta = self.meta(step)
             write_weights(table, folder, self.cfg.formats, meta)
             title = f"selector weights of '{self.name}' after {meta['epoch']:.2f} epochs (step {step})"
             write_summary(table, folder, title, meta, self.cfg.summary_rows, self.text_of)
         if model:  # every rank: gathering a sharded model is collective
-            from bipost.train.checkpoint import save_model
-
-            save_model(self.engine, self.trainer.model, folder / "model", tokenizer=self.trainer.tokenizer)
-        self.engine.barrier()
+            self.ctx.save_model(folder / "model")
+        self.comm.barrier()
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:

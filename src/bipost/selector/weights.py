@@ -56,7 +56,7 @@ class SelectorWeights:
         self.logits = torch.nn.Parameter(torch.full((ids.numel(),), float(init), dtype=torch.float32))
         self.optimizer = torch.optim.Adam([self.logits], lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]),
                                           eps=cfg.eps, weight_decay=0.0)
-        from bipost.train.setup import lr_lambda  # the model's LR schedule shapes, reused
+        from bipost.train.build import lr_lambda  # the model's LR schedule shapes, reused
 
         shape = OptimConfig(lr=cfg.lr, scheduler=cfg.scheduler, warmup_steps=cfg.warmup_steps,
                             min_lr_ratio=cfg.min_lr_ratio)

@@ -1,19 +1,73 @@
 """Step hooks: the seam for components that act *inside* a step without owning the loop.
 
-The bilevel data selector is one: it re-weights one objective's per-example losses and updates
-its own parameters after each optimizer step. A hook never calls ``torch.distributed``; it uses
-the trainer's engine (``bind``) for collectives.
+The bilevel data selector is one: it re-weights one objective's per-example losses and updates its
+own parameters after each optimizer step. A hook sees a narrow :class:`HookContext` (given once, in
+``bind``), never the trainer, and never calls ``torch.distributed`` itself. Whoever builds a run
+builds its hooks (``bipost.run``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+from bipost.config import ObjectiveConfig
 from bipost.objectives import ObjectiveOutput
 
 
+class Collectives(Protocol):
+    """What a hook may ask of the engine (every call on every rank)."""
+
+    rank: int
+    world_size: int
+    is_main: bool
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor: ...
+
+    def barrier(self) -> None: ...
+
+    def print(self, *args: Any) -> None: ...
+
+
+@dataclass
+class ObjectiveView:
+    """What a hook may read about one objective."""
+
+    cfg: ObjectiveConfig
+    train: Sequence
+    """Its training examples (each with its original ``row_id``)."""
+    rows_read: int
+    """Rows in its data's training split (before ``max_samples`` and skips)."""
+    steps_per_pass: int
+    """Optimizer steps one pass over its training examples takes."""
+
+
+@dataclass
+class HookContext:
+    """A run as a hook sees it."""
+
+    output_dir: Path
+    max_steps: int
+    comm: Collectives
+    objectives: dict[str, ObjectiveView]
+    measure: Callable[[str], tuple[torch.Tensor, torch.Tensor]]
+    """``measure(name)``: ``(row_ids, per-row mean losses)`` of the objective's next step's batches on
+    this rank, without gradients (the model in eval mode), as the loop's probes measure."""
+    upper_weight: Callable[[int], float | None]
+    """The schedule's upper-level weight at a step (bilevel), None for schedules without one."""
+    decode: Callable[[Sequence[int]], str]
+    """Token ids -> text (special tokens dropped)."""
+    save_model: Callable[[Path], None]
+    """Export the model being trained to a folder (every rank calls it: gathering may be collective)."""
+
+
 class StepHook:
-    def bind(self, trainer) -> None:
-        """Called once the trainer has built its model, engine and objectives."""
-        self.trainer = trainer
+    def bind(self, ctx: HookContext) -> None:
+        """Called once the run's model, engine and objectives exist."""
+        self.ctx = ctx
 
     def units(self, name: str, batch: dict, default: int) -> int:
         """Loss units this hook makes the batch count for (default: the objective's own)."""
@@ -27,22 +81,11 @@ class StepHook:
         """After the optimizer step; returns metrics to log."""
         return {}
 
-    def on_end(self) -> None:
-        """After the final model is saved."""
+    def on_end(self, step: int) -> None:
+        """After the final model is saved (``step``: the steps run)."""
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-def hooks_from_config(cfg) -> list[StepHook]:
-    """The hooks a run's config turns on (the bilevel data selector when ``selector.enabled``), so
-    that ``bipost train``, ``Trainer(cfg)`` and a resumed run all get the same hooks."""
-    hooks: list[StepHook] = []
-    if cfg.selector.enabled:
-        from bipost.selector import SelectorHook
-
-        hooks.append(SelectorHook(cfg.selector))
-    return hooks

@@ -3,10 +3,11 @@
 1. the schedule plans which objective(s) run and with what weights;
 2. the step's micro-batches are drawn from those objectives' streams and their loss units
    counted over all ranks (the reduction contract in ``bipost.objectives.base``);
-3. forward/backward per micro-batch, gradient sync only on the last one;
-4. clip, optimizer step, LR step; the global pre-update losses go back to the schedule.
+3. ``forward_backward`` per micro-batch, gradient sync only on the last one;
+4. the optimizer step (clip, optimizer, LR);
+5. the step's sums are all-reduced once and the global pre-update losses go back to the schedule.
 
-Schedules, objectives and data plug in here without changing this file.
+Schedules, objectives, data and hooks plug in here without changing this file.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ import yaml
 
 from bipost.config import RunConfig
 from bipost.data import eval_batches
-from bipost.schedules import make_schedule
+from bipost.engine import Engine
+from bipost.objectives import ObjectiveOutput
+from bipost.schedules import StepPlan, make_schedule
 from bipost.train import checkpoint as ckpt
-from bipost.train.engine import Engine
-from bipost.train.metrics import MetricsWriter
-from bipost.train.setup import (
+from bipost.train.build import (
     ObjectiveRun,
     build_objectives,
     build_optimizer,
@@ -36,7 +37,9 @@ from bipost.train.setup import (
     step_budget,
     steps_per_pass,
 )
-from bipost.train.hooks import StepHook, hooks_from_config
+from bipost.train.hooks import HookContext, ObjectiveView, StepHook
+from bipost.train.metrics import MetricsWriter
+from bipost.train.step_metrics import StepMetrics
 
 log = logging.getLogger("bipost")
 
@@ -56,9 +59,12 @@ class RunResult:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, engine: Engine | None = None, hooks: tuple[StepHook, ...] = ()):
+    def __init__(self, cfg: RunConfig, engine: Engine | None = None, hooks: tuple[StepHook, ...] | list = ()):
+        if cfg.selector.enabled and not hooks:
+            raise ValueError("selector.enabled: build the run with bipost.run.build_trainer / bipost.run.train, "
+                             "which adds the selector's hook")
         self.cfg = cfg
-        self.hooks = [*hooks_from_config(cfg), *hooks]
+        self.hooks = list(hooks)
         self.engine = engine or Engine.for_run(cfg)
         self.out = Path(cfg.train.output_dir)
         self._prepare_output_dir()
@@ -80,11 +86,22 @@ class Trainer:
         self.elapsed = 0.0
         self.stopped_early: str | None = None
         for hook in self.hooks:
-            hook.bind(self)
+            hook.bind(self.hook_context())
         if cfg.train.resume:
             self._resume()
         self.metrics = MetricsWriter(self.out, cfg.train.report_to, dataclasses.asdict(cfg),
                                      enabled=self.engine.is_main, wandb_project=cfg.train.wandb_project)
+
+    def hook_context(self) -> HookContext:
+        per_pass = steps_per_pass(self.runs)
+        return HookContext(
+            output_dir=self.out, max_steps=self.max_steps, comm=self.engine,
+            objectives={n: ObjectiveView(r.cfg, r.train, r.data.summary.rows_read, per_pass[n])
+                        for n, r in self.runs.items()},
+            measure=self.measure_rows, upper_weight=self.schedule.upper_weight,
+            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+            save_model=lambda folder: ckpt.save_model(self.engine, self.model, folder, tokenizer=self.tokenizer),
+        )
 
     # ------------------------------------------------------------------ setup helpers
     def _prepare_output_dir(self) -> None:
@@ -129,106 +146,117 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ one step
-    def _count(self, name: str, batches: list[dict]) -> tuple[int, int]:
-        task = self.runs[name].task
-        units = 0
-        for b in batches:
-            u = task.units(b)
-            for hook in self.hooks:
-                u = hook.units(name, b, u)
-            units += u
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        return units, tokens
-
     def train_step(self, step: int) -> dict:
         plan = self.schedule.plan(step, self.probe)
-        names = [n for n, w in plan.weights.items() if w > 0]
-        batches = {
-            n: [self.runs[n].stream.next()
-                for _ in range(plan.micro_batches[n] if plan.micro_batches else self.runs[n].accum)]
-            for n in names
-        }
-        counts = [self._count(n, batches[n]) for n in names]
-        units = self.engine.all_reduce_sum(torch.tensor([c[0] for c in counts], dtype=torch.float64))
-        world = self.engine.world_size
-        total_micro = sum(len(b) for b in batches.values())
-        # Sums stay on the device until the step's single all-reduce: a .cpu()/float() per
-        # micro-batch would stall the host on every forward (measured as a fixed per-step cost on GPU).
-        dev = self.engine.device
-        sums = torch.zeros(len(names), dtype=torch.float64, device=dev)
-        metric_sums: dict[str, torch.Tensor] = {}
+        batches = self.draw(plan)
+        units = self.count_units(batches)
+        acc = StepMetrics(self.engine.device)
+        last = sum(len(b) for b in batches.values())
         micro = 0
-        for i, name in enumerate(names):
-            task = self.runs[name].task
+        for name, micro_batches in batches.items():
             # Global mean over the step's units (DDP averages gradients over ranks, hence x world).
-            scale = plan.weights[name] * world / max(float(units[i]), 1.0)
-            for batch in batches[name]:
+            scale = plan.weights[name] * self.engine.world_size / max(units[name], 1.0)
+            for batch in micro_batches:
                 micro += 1
-                batch = self.engine.to_device(batch)
-                with self.engine.no_sync(self.model, enabled=micro < total_micro):
-                    out = task.loss(self.model, batch)
-                    for hook in self.hooks:
-                        out = hook.transform(name, batch, out)
-                    self.engine.backward(out.losses.sum() * scale)
-                sums[i] += out.losses.detach().double().sum()
-                for k, v in out.metrics.items():
-                    key = f"{name}/{k}"
-                    pair = torch.stack([v.detach().double().sum(),
-                                        torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device)])
-                    metric_sums[key] = metric_sums.get(key, 0) + pair.to(dev)
+                acc.tokens += int(batch["attention_mask"].sum())
+                acc.add(name, self.forward_backward(name, batch, scale, sync=micro == last))
+        grad_norm, lr = self.optimizer_step()
+        losses, metrics, tokens = acc.reduce(self.engine, units)
+        self.schedule.observe(step, losses)
+        rec = {"step": step + 1, "ran": list(batches), "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        rec.update({f"loss/{n}": v for n, v in losses.items()})
+        rec.update({f"probe/{n}": v for n, v in plan.probed.items()})
+        rec.update({f"schedule/{k}": v for k, v in plan.info.items()})
+        rec.update(metrics)
+        rec.update({f"epoch/{n}": r.stream.epoch for n, r in self.runs.items()})
+        for hook in self.hooks:
+            rec.update(hook.after_step(step))
+        return rec
+
+    def draw(self, plan: StepPlan) -> dict[str, list[dict]]:
+        """The step's micro-batches of every objective the plan runs (in the plan's order)."""
+        return {n: [self.runs[n].stream.next()
+                    for _ in range(plan.micro_batches[n] if plan.micro_batches else self.runs[n].accum)]
+                for n, w in plan.weights.items() if w > 0}
+
+    def count_units(self, batches: dict[str, list[dict]]) -> dict[str, float]:
+        """Each objective's loss units in the step, over all ranks (one all-reduce, before any backward)."""
+        local = []
+        for name, micro_batches in batches.items():
+            objective = self.runs[name].objective
+            units = 0
+            for b in micro_batches:
+                u = objective.units(b)
+                for hook in self.hooks:
+                    u = hook.units(name, b, u)
+                units += u
+            local.append(units)
+        total = self.engine.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).cpu()
+        return {n: float(u) for n, u in zip(batches, total)}
+
+    def forward_backward(self, name: str, batch: dict, scale: float, sync: bool) -> ObjectiveOutput:
+        """One micro-batch of objective ``name``: its output (after the hooks) and the backward of
+        ``scale`` x its loss sum; gradients are synchronized across ranks only when ``sync``."""
+        batch = self.engine.to_device(batch)
+        with self.engine.no_sync(self.model, enabled=not sync):
+            out = self.runs[name].objective.loss(self.model, batch)
+            for hook in self.hooks:
+                out = hook.transform(name, batch, out)
+            self.engine.backward(out.losses.sum() * scale)
+        return out
+
+    def optimizer_step(self) -> tuple[float, float]:
+        """Clip, optimizer step, LR step; the gradient norm before clipping and the step's LR."""
         grad_norm = self.engine.clip_grad_norm(self.model, self.cfg.optim.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-        keys = sorted(metric_sums)
-        flat = torch.cat([sums, torch.tensor([float(sum(c[1] for c in counts))], dtype=torch.float64, device=dev)]
-                         + [metric_sums[k] for k in keys])
-        flat = self.engine.all_reduce_sum(flat).cpu()
-        losses = {n: float(flat[i] / max(float(units[i]), 1.0)) for i, n in enumerate(names)}
-        self.schedule.observe(step, losses)
-        tokens = int(flat[len(names)])
-        hook_metrics: dict = {}
-        for hook in self.hooks:
-            hook_metrics.update(hook.after_step(step))
-        rec = {"step": step + 1, "ran": names, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
-        rec.update({f"loss/{n}": v for n, v in losses.items()})
-        rec.update({f"probe/{n}": v for n, v in plan.probed.items()})
-        rec.update({f"schedule/{k}": v for k, v in plan.info.items()})
-        off = len(names) + 1
-        for j, k in enumerate(keys):
-            s, c = flat[off + 2 * j], flat[off + 2 * j + 1]
-            rec[k] = float(s / max(float(c), 1.0))
-        for n, r in self.runs.items():
-            rec[f"epoch/{n}"] = r.stream.epoch
-        rec.update(hook_metrics)
-        return rec
+        return grad_norm, lr
 
     # ------------------------------------------------------------------ no-grad losses
     @torch.no_grad()
-    def _global_loss(self, name: str, batches, filler: dict | None = None, pad: int = 0) -> float:
-        task = self.runs[name].task
+    def _no_grad_outputs(self, name: str, batches, filler: dict | None = None, pad: int = 0) -> list[ObjectiveOutput]:
+        """Objective ``name``'s outputs on ``batches`` without gradients. Sharded engines gather
+        parameters inside every forward, so a rank with fewer batches runs ``pad`` forwards of a
+        filler batch whose output is not returned."""
+        objective = self.runs[name].objective
+        outs = [objective.loss(self.model, self.engine.to_device(b)) for b in batches]
+        for _ in range(pad):
+            objective.loss(self.model, self.engine.to_device(filler))  # type: ignore[arg-type]
+        return outs
+
+    def _global_loss(self, outs: list[ObjectiveOutput]) -> float:
         s = torch.zeros(2, dtype=torch.float64)
-        for batch in batches:
-            out = task.loss(self.model, self.engine.to_device(batch))
+        for out in outs:
             s += torch.tensor([float(out.losses.double().sum()), float(out.units.double().sum())],
                               dtype=torch.float64)
-        # Sharded engines gather parameters inside every forward, so a rank with fewer batches runs
-        # `pad` forwards of a filler batch whose loss is not counted.
-        for _ in range(pad):
-            task.loss(self.model, self.engine.to_device(filler))  # type: ignore[arg-type]
         s = self.engine.all_reduce_sum(s).cpu()
         return float(s[0] / max(float(s[1]), 1.0))
+
+    def _step_batches(self, name: str) -> list[dict]:
+        run = self.runs[name]
+        return [run.stream.next() for _ in range(run.accum)]
 
     def probe(self, names: list[str]) -> dict[str, float]:
         """No-grad loss of each named objective on one fresh step's worth of its batches."""
         self.model.eval()
         try:
-            return {n: self._global_loss(n, [self.runs[n].stream.next() for _ in range(self.runs[n].accum)])
-                    for n in names}
+            return {n: self._global_loss(self._no_grad_outputs(n, self._step_batches(n))) for n in names}
         finally:
             self.model.train()
+
+    def measure_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(row_ids, per-row mean losses)`` of objective ``name``'s next step's batches on this rank,
+        without gradients (for hooks: the selector when the lower objective did not run)."""
+        self.model.eval()
+        try:
+            batches = self._step_batches(name)
+            outs = self._no_grad_outputs(name, batches)
+        finally:
+            self.model.train()
+        ids = torch.cat([b["row_ids"] for b in batches])
+        return ids, torch.cat([(o.losses / o.units.clamp(min=1.0)).detach().double().cpu() for o in outs])
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss of every objective that has eval data (global over ranks)."""
@@ -239,16 +267,48 @@ class Trainer:
                 if not r.eval:
                     continue
                 mbs = self.cfg.train.eval_batch_size or r.cfg.micro_batch_size
-                collate = r.task.collate(self.tokenizer.pad_token_id)
+                collate = r.objective.collate(self.tokenizer.pad_token_id)
                 batches = list(eval_batches(r.eval, mbs, collate, self.engine.rank, self.engine.world_size))
                 pad = 0
                 if self.engine.lockstep_forwards:  # rank 0 holds the most rows: ceil(N / W)
                     pad = math.ceil(math.ceil(len(r.eval) / self.engine.world_size) / mbs) - len(batches)
                 filler = batches[0] if batches else collate([r.eval[0]])
-                result[n] = self._global_loss(n, batches, filler, pad)
+                result[n] = self._global_loss(self._no_grad_outputs(n, batches, filler, pad))
             return result
         finally:
             self.model.train()
+
+    # ------------------------------------------------------------------ checkpoints and evaluation
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.out, self.step, self.engine, self.model, self.optimizer,
+                                    self.scheduler, self.trainer_state(), self.cfg.train.keep_last)
+
+    def _should_stop(self, ev: dict[str, float]) -> str | None:
+        """The seeds' early stopping, on held-out losses: near the ideal point, or past a reference front."""
+        t = self.cfg.train
+        objs = self.cfg.objectives
+        if len(ev) < len(objs):
+            return None
+        f = [ev[o.name] for o in objs]
+        if t.early_stop_eps is not None:
+            gaps = [o.weight * (fi - o.optimum) for o, fi in zip(objs, f)]  # type: ignore[operator]
+            if max(gaps) <= t.early_stop_eps:
+                return f"every weighted gap to the optimum is <= {t.early_stop_eps} ({gaps})"
+        for p in t.ref_pareto:
+            if all(a <= b for a, b in zip(f, p)) and any(a < b for a, b in zip(f, p)):
+                return f"held-out losses {f} dominate the reference point {p}"
+        return None
+
+    def _log_eval(self, result: RunResult) -> None:
+        ev = self.evaluate()
+        if ev:
+            rec = {"kind": "eval", "step": self.step, **{f"eval/{n}": v for n, v in ev.items()}}
+            self.metrics.write(rec)
+            result.eval_history.append({"step": self.step, **ev})
+            self.engine.print("[eval] step %d: %s" % (self.step, ", ".join(f"{n}={v:.4f}" for n, v in ev.items())))
+            self.stopped_early = self._should_stop(ev)
+            if self.stopped_early:
+                self.engine.print(f"[early stop] step {self.step}: {self.stopped_early}")
 
     # ------------------------------------------------------------------ the loop
     def save(self) -> Path:
@@ -321,7 +381,7 @@ class Trainer:
             self._log_eval(result)
         self.save_final()
         for hook in self.hooks:
-            hook.on_end()
+            hook.on_end(self.step)
         result.wall_time = self.elapsed
         result.tokens = self.tokens
         result.stopped_early = self.stopped_early
@@ -337,7 +397,3 @@ class Trainer:
                         merged=self.cfg.model.lora.save_merged)
         self.engine.barrier()
         self.engine.print(f"[done] {self.step} steps; final model in {final}")
-
-
-def train(cfg: RunConfig, engine: Engine | None = None) -> RunResult:
-    return Trainer(cfg, engine).train()

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from bipost.config import DistConfig
+from bipost.models import is_peft
 
 if TYPE_CHECKING:
     from bipost.config import RunConfig
@@ -142,7 +143,54 @@ def _ensure_process_group_env() -> None:
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
 
 
-class Engine:
+class ModelAccess:
+    """Reaching through the wrappers a backend puts around a model (DDP and DeepSpeed's
+    ``.module``, torch.compile's ``._orig_mod``, peft) and at its output head, whose weight FSDP2
+    keeps as a DTensor and ZeRO-3 partitions. The objectives' forward code (``bipost.modeling``)
+    asks this; it never inspects a backend itself. :class:`Engine` is one; code that runs without
+    a distributed engine (tests, single-process tools) uses ``ModelAccess()``.
+    """
+
+    @staticmethod
+    def outer_module(model):
+        """The module inside DDP / DeepSpeed wrappers (peft and compile wrappers kept)."""
+        while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        return model
+
+    @classmethod
+    def base_model(cls, model):
+        """The transformers model inside DDP/DeepSpeed, torch.compile and peft wrappers."""
+        while True:
+            inner = cls.outer_module(model)
+            if hasattr(inner, "_orig_mod"):
+                inner = inner._orig_mod
+            if inner is model:
+                break
+            model = inner
+        return model.get_base_model() if is_peft(model) else model
+
+    def output_head(self, model) -> tuple[torch.nn.Module, torch.Tensor]:
+        """The output head module and its full weight (an FSDP2-sharded weight is gathered)."""
+        head = self.base_model(model).get_output_embeddings()
+        weight = head.weight
+        if type(weight).__name__ == "DTensor":
+            weight = weight.full_tensor()
+        return head, weight
+
+    def head_rows(self, model) -> int:
+        """Rows of the output head (the vocabulary it scores); ZeRO-3 keeps the full shape aside."""
+        weight = self.base_model(model).get_output_embeddings().weight
+        return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+    def head_usable_outside_forward(self, model) -> bool:
+        """False when the head's weight only exists during the model's own forward: DeepSpeed
+        ZeRO-3 keeps it partitioned otherwise (``ds_id`` marks such a parameter)."""
+        head = self.base_model(model).get_output_embeddings()
+        return head is not None and not hasattr(head.weight, "ds_id")
+
+
+class Engine(ModelAccess):
     """Topology, model wrapping, backward / accumulation, collectives and sharded state of one run.
 
     ``backend`` after construction: ``single`` | ``ddp`` | ``fsdp2`` | ``deepspeed``.
@@ -292,10 +340,6 @@ class Engine:
         return self.acc.is_main_process
 
     @property
-    def distributed_type(self) -> str:
-        return str(self.acc.distributed_type).split(".")[-1]
-
-    @property
     def zero_stage(self) -> int:
         """DeepSpeed ZeRO stage (0 for the other engines)."""
         if self.backend != "deepspeed":
@@ -422,15 +466,6 @@ class Engine:
             return values
         return self.acc.reduce(values, reduction="sum")
 
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        if self.world_size == 1:
-            return obj
-        from accelerate.utils import broadcast_object_list
-
-        box = [obj]
-        broadcast_object_list(box, from_process=src)
-        return box[0]
-
     def barrier(self) -> None:
         self.acc.wait_for_everyone()
 
@@ -515,9 +550,6 @@ class Engine:
             "model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
             "optimizer": get_optimizer_state_dict(model, _inner_optimizer(optimizer)),
         }
-
-    def end(self) -> None:
-        self.acc.end_training()
 
 
 def _inner_optimizer(optimizer) -> torch.optim.Optimizer:

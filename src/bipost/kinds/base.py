@@ -1,0 +1,129 @@
+"""What an objective kind is: one class, declared in one module, looked up by name.
+
+A kind module (``bipost/kinds/<kind>.py``; ``docs/adding-an-objective.md`` walks through one)
+declares, side by side:
+
+* its config: a dataclass extending :class:`bipost.config.ObjectiveConfig` with the kind's own
+  fields (one docstring each) and their validation (``check``);
+* its data: the example type it trains on (``examples``: which row formats it accepts and how
+  they are encoded, collated and packed) and how many loss units a batch holds (``units``);
+* what frozen model or cached artifact it needs, built in :meth:`Objective.build` and handed to its
+  constructor (nothing is attached to it later);
+* its loss on a micro-batch (``loss``): model-side log-probs from :class:`~bipost.modeling.forward.Forward`,
+  then a pure function of ``bipost.objectives``;
+* its name on the seed command lines (``cli_name``) and seed flags.
+
+Config loading, data loading, the run builder and both seed CLIs look kinds up
+(``bipost.kinds.get_kind``); none of them switches on kind names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+
+from bipost.config import ObjectiveConfig
+from bipost.data.examples import SFT, ExampleType
+from bipost.modeling.forward import Forward
+from bipost.objectives.base import ObjectiveOutput
+
+if TYPE_CHECKING:
+    from bipost.config import RunConfig
+    from bipost.data.load import ObjectiveData
+    from bipost.engine import Engine
+
+
+@dataclass
+class BuildContext:
+    """What a kind may use to build its objective (:meth:`Objective.build`)."""
+
+    run: RunConfig
+    tokenizer: Any
+    policy: torch.nn.Module
+    """The policy as loaded (before the engine wraps it): full weights or a peft model."""
+    engine: Engine
+    forward: Forward
+    data: ObjectiveData
+    """This objective's examples (train and eval)."""
+    frozen_model: Callable[[str], torch.nn.Module]
+    """A frozen model by path: loaded once per run (shared by objectives), in eval mode, placed
+    by the engine, with packed attention when the run packs."""
+    cache_dir: Path
+    """Where cached frozen-model outputs live (``train.cache_dir``)."""
+
+    @property
+    def packing(self) -> bool:
+        return self.run.train.packing
+
+    @property
+    def eval_batch_size(self) -> int | None:
+        return self.run.train.eval_batch_size
+
+
+class Objective:
+    """An objective kind (class attributes and classmethods) and, once built, one objective of a run.
+
+    The defaults fit a kind trained on prompt/response examples whose loss unit is a response token.
+    """
+
+    kind: ClassVar[str] = ""
+    """The name configs use (``objectives.N.kind``)."""
+    config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
+    """Its config dataclass."""
+    examples: ClassVar[ExampleType] = SFT
+    """The example type it trains on (``bipost.data.examples``)."""
+    cli_name: ClassVar[str] = ""
+    """Its name on the seed command lines (``--obj_N``)."""
+    seed_model: ClassVar[str | None] = None
+    """The config field the seeds' ``--ref_model`` fills (``reference``, ``teacher``), if any."""
+    seed_model_required: ClassVar[bool] = False
+    """Whether the seeds' ``--ref_model`` must be given for this kind."""
+
+    def __init__(self, cfg: ObjectiveConfig, forward: Forward | None = None, packing: bool = False):
+        self.cfg = cfg
+        self.forward = forward or Forward()
+        self.packing = packing
+        """Micro-batches are packed rows (``data.packing``) instead of padded ones."""
+
+    @classmethod
+    def build(cls, cfg: ObjectiveConfig, ctx: BuildContext) -> "Objective":
+        """The objective with everything it needs (frozen models, caches); default: nothing."""
+        return cls(cfg, ctx.forward, ctx.packing)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name or self.kind
+
+    # ---------------------------------------------------------------- data
+    def collate(self, pad_id: int) -> Callable[[list], dict]:
+        """Examples -> one micro-batch (packed or padded)."""
+        return self.examples.collate_fn(pad_id, self.packing)
+
+    def num_seqs(self, batch: dict) -> int:
+        """Sequences in a batch (the rows of a padded batch)."""
+        return int(batch["row_ids"].shape[0])
+
+    def units(self, batch: dict) -> int:
+        """Loss units in a batch (the reduction contract, ``objectives/base.py``): response tokens."""
+        if "logp_target" in batch:
+            return int(batch["logp_target"].numel())
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    # ---------------------------------------------------------------- the loss
+    def loss(self, model, batch: dict) -> ObjectiveOutput:
+        """Per-example losses of one micro-batch under ``model`` (differentiable)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- the seed command lines
+    @classmethod
+    def add_seed_args(cls, parser) -> None:
+        """Add this kind's own flags to the ``train_bi_objective`` parser (e.g. ``--dpo_beta``)."""
+
+    @classmethod
+    def seed_fields(cls, args, pick: Callable[[str, Any], Any]) -> dict:
+        """Config fields from this kind's seed flags. ``pick(flag, default)`` is the flag's value for
+        this objective (its ``_2`` form for objective 2 when both objectives are of this kind)."""
+        return {}

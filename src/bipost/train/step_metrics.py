@@ -1,0 +1,50 @@
+"""One optimizer step's sums, kept on the device until the step's single all-reduce.
+
+A ``.cpu()`` or ``float()`` per micro-batch would stall the host on every forward (measured as a
+fixed per-step cost on GPU), so each objective's loss sum and every metric's ``(sum, count)`` stay
+device tensors; :meth:`StepMetrics.reduce` packs them into one tensor, all-reduces it once and
+unpacks it by name.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bipost.objectives import ObjectiveOutput
+
+
+class StepMetrics:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss: dict[str, torch.Tensor] = {}
+        """Objective -> sum of its per-example losses (float64)."""
+        self.metrics: dict[str, torch.Tensor] = {}
+        """``<objective>/<metric>`` -> ``[sum, count]`` over the step's examples (float64)."""
+        self.tokens = 0
+        """Tokens the step processed on this rank (attention-mask ones)."""
+
+    def add(self, name: str, out: ObjectiveOutput) -> None:
+        """One micro-batch's output of objective ``name``."""
+        loss = out.losses.detach().double().sum()
+        self.loss[name] = self.loss[name] + loss if name in self.loss else loss
+        for k, v in out.metrics.items():
+            key = f"{name}/{k}"
+            pair = torch.stack([v.detach().double().sum(),
+                                torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device)]).to(self.device)
+            self.metrics[key] = self.metrics[key] + pair if key in self.metrics else pair
+
+    def reduce(self, engine, units: dict[str, float]) -> tuple[dict[str, float], dict[str, float], int]:
+        """``(losses, metrics, tokens)`` over every rank (one all-reduce; every rank calls it with the
+        same objectives and metric names): each objective's loss sum over its global ``units``, each
+        metric's mean over the step's examples, the tokens processed."""
+        names, keys = list(self.loss), sorted(self.metrics)
+        parts = [torch.stack([self.loss[n].to(self.device) for n in names]) if names
+                 else torch.zeros(0, dtype=torch.float64, device=self.device),
+                 torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.device)]
+        parts += [self.metrics[k] for k in keys]
+        flat = engine.all_reduce_sum(torch.cat(parts)).cpu()
+        losses = {n: float(flat[i] / max(units[n], 1.0)) for i, n in enumerate(names)}
+        tokens = int(flat[len(names)])
+        pairs = flat[len(names) + 1:].view(-1, 2)
+        metrics = {k: float(s / max(float(c), 1.0)) for k, (s, c) in zip(keys, pairs)}
+        return losses, metrics, tokens
