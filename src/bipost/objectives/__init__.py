@@ -6,16 +6,24 @@ See ``base.py`` for the reduction contract and ``logprobs.py`` for the label-shi
 from bipost.objectives.base import ObjectiveOutput
 from bipost.objectives.dpo import DPOLoss, dpo_loss
 from bipost.objectives.kd import kd_loss
+from bipost.objectives.kto import kto_kl_sums, kto_loss, kto_reference_point
 from bipost.objectives.logprobs import next_token_mask, sequence_logprobs, token_logprobs
+from bipost.objectives.orpo import orpo_loss
 from bipost.objectives.sft import sft_loss
+from bipost.objectives.simpo import simpo_loss
 
 __all__ = [
     "DPOLoss",
     "ObjectiveOutput",
     "dpo_loss",
     "kd_loss",
+    "kto_kl_sums",
+    "kto_loss",
+    "kto_reference_point",
     "next_token_mask",
+    "orpo_loss",
     "sequence_logprobs",
     "sft_loss",
+    "simpo_loss",
     "token_logprobs",
 ]
