@@ -37,6 +37,17 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class StepContext:
+    """What ``Objective.prepare`` may use inside a training step."""
+
+    step: int
+    """The optimizer step (0-based)."""
+    comm: Any
+    """The engine's collectives (``all_reduce_sum``, ``rank``, ``world_size``, ``lockstep_forwards``, ...)."""
+    to_device: Callable[[dict], dict]
+
+
+@dataclass
 class BuildContext:
     """What a kind may use to build its objective (:meth:`Objective.build`)."""
 
@@ -112,10 +123,32 @@ class Objective:
             return int(batch["logp_target"].numel())
         return int((batch["labels"][:, 1:] != -100).sum())
 
-    # ---------------------------------------------------------------- the loss
+    # ---------------------------------------------------------------- the step
+    def prepare(self, model, batches: list[dict], step: StepContext) -> list[dict]:
+        """The step's micro-batches as the loss takes them, before units are counted. Most kinds
+        train on the drawn batches as they are; a kind whose batches depend on the current model
+        (completions sampled from the policy) or on the whole step (a statistic over every
+        micro-batch of every rank) builds them here. Every rank calls it with the same number of
+        batches; collectives go through ``step.comm``."""
+        return batches
+
     def loss(self, model, batch: dict) -> ObjectiveOutput:
         """Per-example losses of one micro-batch under ``model`` (differentiable)."""
         raise NotImplementedError
+
+    def measure(self, model, batch: dict) -> ObjectiveOutput:
+        """The objective's no-grad measure on a drawn (or held-out) batch, lower is better: what
+        evaluation, MAXRIGHT's probes and the selector read. Default: the loss (the loop runs it
+        under ``torch.no_grad`` with the model in eval mode)."""
+        return self.loss(model, batch)
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """State to resume exactly (e.g. a sampling generator); saved in every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     # ---------------------------------------------------------------- the seed command lines
     @classmethod

@@ -26,6 +26,7 @@ import yaml
 from bipost.config import RunConfig
 from bipost.data import eval_batches
 from bipost.engine import Engine
+from bipost.kinds import StepContext
 from bipost.objectives import ObjectiveOutput
 from bipost.schedules import StepPlan, make_schedule
 from bipost.train import checkpoint as ckpt
@@ -130,6 +131,8 @@ class Trainer:
         self.elapsed = state.get("elapsed", 0.0)
         for name, s in state["streams"].items():
             self.runs[name].stream.load_state_dict(s)
+        for name, s in state.get("objectives", {}).items():
+            self.runs[name].objective.load_state_dict(s)
         self.schedule.load_state_dict(state["schedule"])
         for hook, hs in zip(self.hooks, state.get("hooks", [])):
             hook.load_state_dict(hs)
@@ -141,6 +144,7 @@ class Trainer:
             "tokens": self.tokens,
             "elapsed": self.elapsed,
             "streams": {n: r.stream.state_dict() for n, r in self.runs.items()},
+            "objectives": {n: r.objective.state_dict() for n, r in self.runs.items()},
             "schedule": self.schedule.state_dict(),
             "hooks": [h.state_dict() for h in self.hooks],
         }
@@ -148,7 +152,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict:
         plan = self.schedule.plan(step, self.probe)
-        batches = self.draw(plan)
+        batches = self.prepare(step, self.draw(plan))
         units = self.count_units(batches)
         acc = StepMetrics(self.engine.device)
         last = sum(len(b) for b in batches.values())
@@ -178,6 +182,11 @@ class Trainer:
         return {n: [self.runs[n].stream.next()
                     for _ in range(plan.micro_batches[n] if plan.micro_batches else self.runs[n].accum)]
                 for n, w in plan.weights.items() if w > 0}
+
+    def prepare(self, step: int, batches: dict[str, list[dict]]) -> dict[str, list[dict]]:
+        """Each objective's drawn micro-batches as its loss takes them (``Objective.prepare``)."""
+        ctx = StepContext(step, self.engine, self.engine.to_device)
+        return {n: self.runs[n].objective.prepare(self.model, mbs, ctx) for n, mbs in batches.items()}
 
     def count_units(self, batches: dict[str, list[dict]]) -> dict[str, float]:
         """Each objective's loss units in the step, over all ranks (one all-reduce, before any backward)."""
@@ -221,9 +230,9 @@ class Trainer:
         parameters inside every forward, so a rank with fewer batches runs ``pad`` forwards of a
         filler batch whose output is not returned."""
         objective = self.runs[name].objective
-        outs = [objective.loss(self.model, self.engine.to_device(b)) for b in batches]
+        outs = [objective.measure(self.model, self.engine.to_device(b)) for b in batches]
         for _ in range(pad):
-            objective.loss(self.model, self.engine.to_device(filler))  # type: ignore[arg-type]
+            objective.measure(self.model, self.engine.to_device(filler))  # type: ignore[arg-type]
         return outs
 
     def _global_loss(self, outs: list[ObjectiveOutput]) -> float:
