@@ -71,19 +71,16 @@ class SelectorHook(StepHook):
         return ObjectiveOutput(losses=w * per_row, units=torch.ones_like(out.units),
                                metrics={**out.metrics, "row_loss": per_row.detach()})
 
-    @torch.no_grad()
     def _measure(self) -> None:
         """The lower objective did not run this step: its per-row losses on its next step's batches,
         without gradients (model in eval mode, like the loop's probes)."""
-        model = self.trainer.model
-        model.eval()
-        try:
-            for _ in range(self.run.accum):
-                batch = self.engine.to_device(self.run.stream.next())
-                out = self.run.task.loss(model, batch)
-                self._stash(batch, out.losses / out.units.clamp(min=1.0))
-        finally:
-            model.train()
+        def measure(model, batch):
+            out = self.run.task.loss(model, batch)
+            self._stash(batch, out.losses / out.units.clamp(min=1.0))
+
+        # [issue 10] the engine's one mechanism for forwards outside the training step
+        self.engine.no_grad_forwards(self.trainer.model, measure, [self.run.stream.next() for _ in range(self.run.accum)],
+                                     stage="selector measure")
 
     def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every rank's (row id, loss) pairs, in rank order, on every rank."""
@@ -122,6 +119,10 @@ class SelectorHook(StepHook):
             epoch = (step + 1) // self.per_pass
             self._write(self.dir / f"epoch-{epoch:03d}", step + 1, model=self.cfg.save_epoch_models)
         return metrics
+
+    def skipped_step(self, step) -> None:
+        # [issue 10] a skipped (non-finite) step: its rows' losses must not reach the selector's Adam
+        self._ids, self._losses = [], []
 
     def on_end(self) -> None:
         self._write(self.dir, self.trainer.step, model=False)  # the model is the run's final/

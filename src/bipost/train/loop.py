@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from bipost.config import RunConfig
 from bipost.data import eval_batches
 from bipost.schedules import make_schedule
 from bipost.train import checkpoint as ckpt
+from bipost.train import preempt
 from bipost.train.engine import Engine
+from bipost.train.guard import NonFiniteGuard
 from bipost.train.metrics import MetricsWriter
 from bipost.train.setup import (
     ObjectiveRun,
@@ -79,35 +79,25 @@ class Trainer:
         self.tokens = 0
         self.elapsed = 0.0
         self.stopped_early: str | None = None
+        self.guard = NonFiniteGuard(cfg.train.max_skipped_steps)  # [issue 10] non-finite steps: skip, count, stop
+        self.signals = preempt.SignalFlag(cfg.train.save_on_signals)  # [issue 10] preemption signals
         for hook in self.hooks:
             hook.bind(self)
-        if cfg.train.resume:
-            self._resume()
+        self._resume()  # [issue 10] train.resume false | true | auto is decided in ckpt.resume
         self.metrics = MetricsWriter(self.out, cfg.train.report_to, dataclasses.asdict(cfg),
                                      enabled=self.engine.is_main, wandb_project=cfg.train.wandb_project)
 
     # ------------------------------------------------------------------ setup helpers
     def _prepare_output_dir(self) -> None:
-        t = self.cfg.train
-        if self.engine.is_main:
-            existing = ckpt.list_complete(self.out)
-            if existing and not t.resume:
-                raise FileExistsError(
-                    f"{self.out} already holds checkpoints ({existing[-1].name}); pass train.resume=true "
-                    f"to continue that run, or choose another train.output_dir"
-                )
-            self.out.mkdir(parents=True, exist_ok=True)
-            if not t.resume and (self.out / "metrics.jsonl").exists():
-                (self.out / "metrics.jsonl").unlink()
-            (self.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
-        self.engine.barrier()
+        # [issue 10] decided on the main rank, the same error raised on every rank (train.resume modes)
+        ckpt.prepare_output_dir(self.out, self.cfg, self.engine)
 
     def _resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.out)
-        if path is None:
-            self.engine.print(f"[resume] no complete checkpoint in {self.out}; starting from scratch")
+        # [issue 10] verified checkpoint (falls back to the previous one), settings diff, then load
+        state = ckpt.resume(self.out, self.engine, self.model, self.optimizer, self.scheduler,
+                            ckpt.run_settings(self.cfg, self.engine.world_size, self.max_steps))
+        if state is None:
             return
-        state = ckpt.load_checkpoint(path, self.engine, self.model, self.optimizer, self.scheduler)
         self.step = state["step"]
         self.tokens = state.get("tokens", 0)
         self.elapsed = state.get("elapsed", 0.0)
@@ -116,7 +106,7 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         for hook, hs in zip(self.hooks, state.get("hooks", [])):
             hook.load_state_dict(hs)
-        self.engine.print(f"[resume] from {path} (step {self.step})")
+        self.guard.load_state_dict(state.get("guard", {}))  # [issue 10]
 
     def trainer_state(self) -> dict:
         return {
@@ -126,6 +116,7 @@ class Trainer:
             "streams": {n: r.stream.state_dict() for n, r in self.runs.items()},
             "schedule": self.schedule.state_dict(),
             "hooks": [h.state_dict() for h in self.hooks],
+            "guard": self.guard.state_dict(),  # [issue 10] skipped-step counters
         }
 
     # ------------------------------------------------------------------ one step
@@ -171,32 +162,46 @@ class Trainer:
                         out = hook.transform(name, batch, out)
                     self.engine.backward(out.losses.sum() * scale)
                 sums[i] += out.losses.detach().double().sum()
+                self.guard.record(name, batch, out.losses)  # [issue 10] row ids, for a skipped step's log
                 for k, v in out.metrics.items():
                     key = f"{name}/{k}"
                     pair = torch.stack([v.detach().double().sum(),
                                         torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device)])
                     metric_sums[key] = metric_sums.get(key, 0) + pair.to(dev)
-        grad_norm = self.engine.clip_grad_norm(self.model, self.cfg.optim.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
+        # [issue 10] The step's one all-reduce runs BEFORE the optimizer step: loss sums, tokens, this
+        # rank's preemption flag (a signal on any rank stops every rank after this step) and metric sums.
         keys = sorted(metric_sums)
-        flat = torch.cat([sums, torch.tensor([float(sum(c[1] for c in counts))], dtype=torch.float64, device=dev)]
+        flat = torch.cat([sums, torch.tensor([float(sum(c[1] for c in counts)), self.signals.local_flag()],
+                                             dtype=torch.float64, device=dev)]
                          + [metric_sums[k] for k in keys])
         flat = self.engine.all_reduce_sum(flat).cpu()
+        self.signals.agree(float(flat[len(names) + 1]))
         losses = {n: float(flat[i] / max(float(units[i]), 1.0)) for i, n in enumerate(names)}
-        self.schedule.observe(step, losses)
+        grad_norm = self.engine.clip_grad_norm(self.model, self.cfg.optim.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        # [issue 10] A non-finite global loss or gradient norm skips the step on every rank: no optimizer
+        # or LR step, gradients dropped, no losses for the schedule, hooks told (guard.skipped raises
+        # after train.max_skipped_steps in a row).
+        finite = self.guard.finite(losses, grad_norm)
+        applied = self.engine.optimizer_step(self.optimizer, apply=finite)  # DeepSpeed: what its step did
+        if applied:
+            self.scheduler.step()
         tokens = int(flat[len(names)])
         hook_metrics: dict = {}
-        for hook in self.hooks:
-            hook_metrics.update(hook.after_step(step))
-        rec = {"step": step + 1, "ran": names, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        if finite:
+            self.schedule.observe(step, losses)
+            for hook in self.hooks:
+                hook_metrics.update(hook.after_step(step))
+        else:
+            hook_metrics = self.guard.skipped(step, losses, grad_norm, self.engine, applied, self.model)
+            for hook in self.hooks:
+                hook.skipped_step(step)
+        rec = {"step": step + 1, "ran": names, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+               "skipped_steps": self.guard.total}
         rec.update({f"loss/{n}": v for n, v in losses.items()})
         rec.update({f"probe/{n}": v for n, v in plan.probed.items()})
         rec.update({f"schedule/{k}": v for k, v in plan.info.items()})
-        off = len(names) + 1
+        off = len(names) + 2
         for j, k in enumerate(keys):
             s, c = flat[off + 2 * j], flat[off + 2 * j + 1]
             rec[k] = float(s / max(float(c), 1.0))
@@ -206,54 +211,46 @@ class Trainer:
         return rec
 
     # ------------------------------------------------------------------ no-grad losses
-    @torch.no_grad()
-    def _global_loss(self, name: str, batches, filler: dict | None = None, pad: int = 0) -> float:
+    def _global_loss(self, name: str, batches, stage: str, filler: dict | None = None) -> float:
+        """Loss of objective ``name`` over every rank's ``batches``, without gradients. [issue 10] The
+        forwards go through ``engine.no_grad_forwards``: ranks may hold different numbers of batches
+        on any engine (the engine pads where every forward is a collective)."""
         task = self.runs[name].task
-        s = torch.zeros(2, dtype=torch.float64)
-        for batch in batches:
-            out = task.loss(self.model, self.engine.to_device(batch))
-            s += torch.tensor([float(out.losses.double().sum()), float(out.units.double().sum())],
-                              dtype=torch.float64)
-        # Sharded engines gather parameters inside every forward, so a rank with fewer batches runs
-        # `pad` forwards of a filler batch whose loss is not counted.
-        for _ in range(pad):
-            task.loss(self.model, self.engine.to_device(filler))  # type: ignore[arg-type]
-        s = self.engine.all_reduce_sum(s).cpu()
+
+        def sums(model, batch):
+            out = task.loss(model, batch)
+            return torch.stack([out.losses.detach().double().sum(), out.units.detach().double().sum()])
+
+        with self.engine.stage(stage):
+            outs = self.engine.no_grad_forwards(self.model, sums, batches, filler=filler, stage=name)
+            s = torch.stack(outs).sum(0) if outs else torch.zeros(2, dtype=torch.float64)
+            s = self.engine.all_reduce_sum(s).cpu()
         return float(s[0] / max(float(s[1]), 1.0))
 
     def probe(self, names: list[str]) -> dict[str, float]:
         """No-grad loss of each named objective on one fresh step's worth of its batches."""
-        self.model.eval()
-        try:
-            return {n: self._global_loss(n, [self.runs[n].stream.next() for _ in range(self.runs[n].accum)])
-                    for n in names}
-        finally:
-            self.model.train()
+        return {n: self._global_loss(n, [self.runs[n].stream.next() for _ in range(self.runs[n].accum)],
+                                     stage="maxright probe") for n in names}
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss of every objective that has eval data (global over ranks)."""
-        self.model.eval()
-        try:
-            result = {}
-            for n, r in self.runs.items():
-                if not r.eval:
-                    continue
-                mbs = self.cfg.train.eval_batch_size or r.cfg.micro_batch_size
-                collate = r.task.collate(self.tokenizer.pad_token_id)
-                batches = list(eval_batches(r.eval, mbs, collate, self.engine.rank, self.engine.world_size))
-                pad = 0
-                if self.engine.lockstep_forwards:  # rank 0 holds the most rows: ceil(N / W)
-                    pad = math.ceil(math.ceil(len(r.eval) / self.engine.world_size) / mbs) - len(batches)
-                filler = batches[0] if batches else collate([r.eval[0]])
-                result[n] = self._global_loss(n, batches, filler, pad)
-            return result
-        finally:
-            self.model.train()
+        result = {}
+        for n, r in self.runs.items():
+            if not r.eval:
+                continue
+            mbs = self.cfg.train.eval_batch_size or r.cfg.micro_batch_size
+            collate = r.task.collate(self.tokenizer.pad_token_id)
+            batches = list(eval_batches(r.eval, mbs, collate, self.engine.rank, self.engine.world_size))
+            # a rank may hold no eval rows at all; its uncounted filler forwards need a batch
+            filler = batches[0] if batches else collate([r.eval[0]])
+            result[n] = self._global_loss(n, batches, f"eval at step {self.step}", filler)
+        return result
 
     # ------------------------------------------------------------------ the loop
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.out, self.step, self.engine, self.model, self.optimizer,
-                                    self.scheduler, self.trainer_state(), self.cfg.train.keep_last)
+                                    self.scheduler, self.trainer_state(), self.cfg.train.keep_last,
+                                    ckpt.run_settings(self.cfg, self.engine.world_size, self.max_steps))  # [issue 10]
 
     def _should_stop(self, ev: dict[str, float]) -> str | None:
         """The seeds' early stopping, on held-out losses: near the ideal point, or past a reference front."""
@@ -283,6 +280,10 @@ class Trainer:
                 self.engine.print(f"[early stop] step {self.step}: {self.stopped_early}")
 
     def train(self) -> RunResult:
+        with preempt.handling(self.signals):  # [issue 10] train.save_on_signals handlers while the loop runs
+            return self._train()
+
+    def _train(self) -> RunResult:
         t = self.cfg.train
         result = RunResult(self.out, self.max_steps, self.out / "final")
         bar = None
@@ -290,11 +291,14 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        if self.step == 0 and t.eval_steps:
+        # [issue 10] also after a resume at an eval step: a preempted run stopped before its evaluation
+        if t.eval_steps and self.step % t.eval_steps == 0:
             self._log_eval(result)
-        while self.step < self.max_steps:
+        # [issue 10] ... and if that evaluation stops the run early, it stops as the uninterrupted run did
+        while self.step < self.max_steps and not (self.step and self.stopped_early):
             t0 = time.perf_counter()
-            rec = self.train_step(self.step)
+            with self.engine.stage(f"train step {self.step + 1}"):  # [issue 10] names a hang / dead rank
+                rec = self.train_step(self.step)
             dt = time.perf_counter() - t0
             self.step += 1
             self.elapsed += dt
@@ -309,6 +313,10 @@ class Trainer:
                 if self.step % max(1, t.logging_steps) == 0:
                     bar.set_postfix({**{k[5:]: f"{v:.4f}" for k, v in rec.items() if k.startswith("loss/")},
                                      "tok/s": f"{rec['tokens_per_s']:.0f}"})
+            if self.signals.stop:  # [issue 10] a signal reached some rank: checkpoint this step, exit 75
+                if bar is not None:
+                    bar.close()
+                preempt.save_and_stop(self, self.signals.received)
             if t.eval_steps and self.step % t.eval_steps == 0:
                 self._log_eval(result)
                 if self.stopped_early:

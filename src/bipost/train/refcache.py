@@ -20,6 +20,7 @@ import json
 import logging
 import os
 from array import array
+from collections import abc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -112,24 +113,38 @@ def cache_meta(examples: Sequence, model: str, tokenizer, max_len: int, dtype: s
 
 
 # ---------------------------------------------------------------- build / load
-def compute_reference_logps(examples: Sequence[PrefExample], logps_fn: Callable[[dict], torch.Tensor],
-                            collate: Callable[[list], dict], batch_size: int, to_device: Callable[[dict], dict],
-                            rank: int = 0, world_size: int = 1,
+class CollatedBatches(abc.Sequence):
+    """``collate`` of ``examples`` at each list of indices in ``chunks``, collated when read (a cache
+    build over a large dataset never holds all its batches at once)."""
+
+    def __init__(self, examples: Sequence, chunks: list[list[int]], collate: Callable[[list], dict]):
+        self.examples, self.chunks, self.collate = examples, chunks, collate
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.collate([self.examples[j] for j in self.chunks[i]])
+
+
+def compute_reference_logps(examples: Sequence[PrefExample], forwards: Callable[[Sequence[dict]], list],
+                            collate: Callable[[list], dict], batch_size: int, rank: int = 0, world_size: int = 1,
                             all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """``[N, 2]`` float32 (chosen, rejected) summed reference log-probs, without grad.
 
-    ``logps_fn(batch)`` returns the ``[2n]`` sums of a collated batch. Rank ``r`` of ``W``
-    computes examples ``r, r + W, ...``; ``all_reduce_sum`` completes the table on every rank.
+    Rank ``r`` of ``W`` computes examples ``r, r + W, ...`` (so ranks may hold different numbers of
+    batches); ``forwards(batches)`` returns the ``[2n]`` sums of each collated batch (bipost passes
+    ``Engine.no_grad_forwards``, which keeps such ranks in step where forwards are collectives);
+    ``all_reduce_sum`` completes the table on every rank.
     """
     table = torch.zeros(len(examples), 2, dtype=torch.float64)
     mine = list(range(rank, len(examples), world_size))
-    with torch.no_grad():
-        for s in range(0, len(mine), batch_size):
-            idx = mine[s:s + batch_size]
-            sums = logps_fn(to_device(collate([examples[i] for i in idx]))).double().cpu()
-            n = len(idx)
-            table[idx, 0] = sums[:n]
-            table[idx, 1] = sums[n:]
+    chunks = [mine[s:s + batch_size] for s in range(0, len(mine), batch_size)]
+    for idx, sums in zip(chunks, forwards(CollatedBatches(examples, chunks, collate))):
+        sums = sums.double().cpu()
+        n = len(idx)
+        table[idx, 0] = sums[:n]
+        table[idx, 1] = sums[n:]
     if world_size > 1 and all_reduce_sum is not None:
         table = all_reduce_sum(table).cpu()
     return table.float()

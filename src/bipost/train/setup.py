@@ -103,16 +103,21 @@ def _reference_cache(cfg: RunConfig, ocfg: ObjectiveConfig, task: DPOTask, data,
     meta = cache_meta(examples, ref_path, tokenizer, ocfg.data.max_len, str(resolve_dtype(cfg.model.dtype)))
     cache_dir = Path(cfg.train.cache_dir or Path(cfg.train.output_dir) / "cache")
 
+    stage = f"reference cache build ({ocfg.name})"
+
     def build():
         model = reference()
         collate = task.collate(tokenizer.pad_token_id)  # no ref_cache yet: plain batches
         batch_size = cfg.train.eval_batch_size or ocfg.micro_batch_size
-        return compute_reference_logps(examples, lambda b: task.sequence_logps(model, b)[0], collate,
-                                       batch_size, engine.to_device, engine.rank, engine.world_size,
+        # [issue 10] ranks hold different numbers of batches: the engine's no-grad forwards keep them in step
+        forwards = lambda batches: engine.no_grad_forwards(  # noqa: E731
+            model, lambda m, b: task.sequence_logps(m, b)[0], batches, filler=collate(examples[:1]), stage=stage)
+        return compute_reference_logps(examples, forwards, collate, batch_size, engine.rank, engine.world_size,
                                        engine.all_reduce_sum)
 
-    return load_or_build(cache_dir / f"ref-{ocfg.name}.pt", examples, meta, build,
-                         is_main=engine.is_main, barrier=engine.barrier, any_rank=_any_rank(engine))
+    with engine.stage(stage):  # [issue 10] a hang here names the cache build
+        return load_or_build(cache_dir / f"ref-{ocfg.name}.pt", examples, meta, build,
+                             is_main=engine.is_main, barrier=engine.barrier, any_rank=engine.any_rank)
 
 
 def _teacher_cache(cfg: RunConfig, ocfg: ObjectiveConfig, task: KDTask, data, tokenizer, engine: Engine,
@@ -125,32 +130,31 @@ def _teacher_cache(cfg: RunConfig, ocfg: ObjectiveConfig, task: KDTask, data, to
 
     student_vocab = head_rows(policy)
 
+    stage = f"teacher cache build ({ocfg.name})"
+
     def build():
         task.teacher = teacher()
         check_topk_teacher(ocfg, student_vocab, task.teacher)
         try:
             collate = task.collate(tokenizer.pad_token_id)  # no cache yet: plain batches
 
-            def topk(batch):
+            def topk(_model, batch):  # the task's teacher runs the forward
                 pos = positions(batch, task.num_seqs(batch))
                 return (*task.teacher_topk(batch, pos), pos.seq)
 
-            return compute_teacher_topk(examples, topk, collate, cfg.train.eval_batch_size or ocfg.micro_batch_size,
-                                        engine.to_device)
+            # [issue 10] every rank runs every batch (same counts); the engine's no-grad forwards all the same
+            forwards = lambda batches: engine.no_grad_forwards(task.teacher, topk, batches, stage=stage)  # noqa: E731
+            return compute_teacher_topk(examples, forwards, collate, cfg.train.eval_batch_size or ocfg.micro_batch_size)
         finally:
             task.teacher = None  # not resident while training
 
-    cache = load_or_build_teacher(cache_dir / f"teacher-{ocfg.name}.pt", examples, meta, build,
-                                  is_main=engine.is_main, barrier=engine.barrier, any_rank=_any_rank(engine))
+    with engine.stage(stage):  # [issue 10] a hang here names the cache build
+        cache = load_or_build_teacher(cache_dir / f"teacher-{ocfg.name}.pt", examples, meta, build,
+                                      is_main=engine.is_main, barrier=engine.barrier, any_rank=engine.any_rank)
     if cache.ids.numel() and int(cache.ids.max()) >= student_vocab:
         raise ValueError(f"objective {ocfg.name}: the teacher cache holds token id {int(cache.ids.max())}, outside the "
                          f"policy's vocabulary of {student_vocab}")
     return cache
-
-
-def _any_rank(engine: Engine):
-    """``flag`` -> whether it is True on any rank (a collective: every rank must call it)."""
-    return lambda flag: bool(engine.all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
 
 
 def head_rows(model) -> int:

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from bipost.data.types import SFTExample
-from bipost.train.refcache import _sha, cache_meta, read_cache, write_cache
+from bipost.train.refcache import CollatedBatches, _sha, cache_meta, read_cache, write_cache
 
 log = logging.getLogger("bipost")
 
@@ -70,22 +70,20 @@ def teacher_cache_meta(examples: Sequence[SFTExample], teacher: str, tokenizer, 
             "k": k, "temperature": temperature}
 
 
-def compute_teacher_topk(examples: Sequence[SFTExample], topk_fn: Callable[[dict], tuple],
-                         collate: Callable[[list], dict], batch_size: int,
-                         to_device: Callable[[dict], dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def compute_teacher_topk(examples: Sequence[SFTExample], forwards: Callable[[Sequence[dict]], list],
+                         collate: Callable[[list], dict],
+                         batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(offsets, ids, logps)`` for ``examples``, without grad.
 
-    ``topk_fn(batch)`` returns ``(ids [M, k], logps [M, k], seq [M])`` for a collated batch
-    (``seq``: the example of each position, ascending).
+    ``forwards(batches)`` returns ``(ids [M, k], logps [M, k], seq [M])`` for each collated batch
+    (``seq``: the example of each position, ascending); bipost passes ``Engine.no_grad_forwards``.
     """
+    chunks = [list(range(s, min(s + batch_size, len(examples)))) for s in range(0, len(examples), batch_size)]
     counts, all_ids, all_logps = [], [], []
-    with torch.no_grad():
-        for s in range(0, len(examples), batch_size):
-            chunk = list(examples[s:s + batch_size])
-            ids, logps, seq = topk_fn(to_device(collate(chunk)))
-            counts += torch.bincount(seq.cpu(), minlength=len(chunk)).tolist()
-            all_ids.append(ids.to("cpu", torch.int32))
-            all_logps.append(logps.to("cpu", torch.float32))
+    for idx, (ids, logps, seq) in zip(chunks, forwards(CollatedBatches(examples, chunks, collate))):
+        counts += torch.bincount(seq.cpu(), minlength=len(idx)).tolist()
+        all_ids.append(ids.to("cpu", torch.int32))
+        all_logps.append(logps.to("cpu", torch.float32))
     offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)
     return offsets, torch.cat(all_ids), torch.cat(all_logps)
 
