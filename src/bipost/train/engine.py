@@ -454,12 +454,13 @@ class Engine:
         else:
             yield
 
-    def clip_grad_norm(self, model, max_norm: float) -> float:
+    def clip_grad_norm(self, model, max_norm: float) -> float | None:
         """Clip the global gradient norm (0: don't) and return it, before clipping. DeepSpeed clips
-        inside its step with ``gradient_clipping`` and reports the norm it measured."""
+        inside its step with ``gradient_clipping`` and reports the norm it measured (None where it
+        measures none: ``zero_optimization.compute_grad_norm=false``)."""
         if self.backend == "deepspeed":
             norm = self.acc.clip_grad_norm_(model.parameters(), max_norm)
-            return float(norm) if norm is not None else float("nan")
+            return float(norm) if norm is not None else None
         limit = max_norm if max_norm and max_norm > 0 else math.inf
         return float(self.acc.clip_grad_norm_(model.parameters(), limit))
 

@@ -40,15 +40,16 @@ class NonFiniteGuard:
         """One micro-batch's row ids and per-row losses (kept by reference: no copy, no sync)."""
         self._rows.append((name, batch["row_ids"], losses.detach()))
 
-    def finite(self, losses: dict[str, float], grad_norm: float) -> bool:
-        """Whether the step's global losses and gradient norm are all finite (the same on every rank)."""
-        ok = all(math.isfinite(v) for v in losses.values()) and math.isfinite(grad_norm)
+    def finite(self, losses: dict[str, float], grad_norm: float | None) -> bool:
+        """Whether the step's global losses and gradient norm are all finite (the same on every rank;
+        ``grad_norm`` None: not measured, DeepSpeed without a norm, which checks its gradients itself)."""
+        ok = all(math.isfinite(v) for v in losses.values()) and (grad_norm is None or math.isfinite(grad_norm))
         if ok:
             self.consecutive = 0
             self._rows.clear()
         return ok
 
-    def skipped(self, step: int, losses: dict[str, float], grad_norm: float, engine, applied: bool,
+    def skipped(self, step: int, losses: dict[str, float], grad_norm: float | None, engine, applied: bool,
                 model=None) -> dict:
         """Log and count a skipped step (every rank calls it); its metrics. Raises
         :class:`NonFiniteError` at ``max_skipped`` skips in a row, or when DeepSpeed applied the step
