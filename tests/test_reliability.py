@@ -208,6 +208,38 @@ def test_nonfinite_rows_are_skipped_logged_and_counted(tmp_path, caplog):
     assert adapter and all(torch.isfinite(t).all() for t in adapter.values())
 
 
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="DeepSpeed is an optional extra (pip install -e '.[deepspeed]')")
+def test_nonfinite_rows_under_deepspeed(tmp_path):
+    """The same run under DeepSpeed ZeRO-2 (one rank, CPU): DeepSpeed's optimizer step runs inside the
+    last micro-batch's backward and its own overflow check skips the update; the loop skips the LR
+    step, logs the same rows and counts the same steps, and the adapter stays finite."""
+    model, _ = poisoned_model(tmp_path, "~")
+    data = marked_rows(tmp_path, {5, 37})
+    out = tmp_path / "ds"
+    args = [f"model.path={model}", "model.lora.rank=4", "objectives.0.kind=sft", f"objectives.0.data.path={data}",
+            "objectives.0.data.max_len=64", "train.max_steps=8", "train.batch_size=8", "train.micro_batch_size=8",
+            "optim.lr=1e-3", "optim.scheduler=linear", "train.progress=false", "dist.backend=deepspeed",
+            "dist.zero_stage=2"]
+    proc = subprocess.run([sys.executable, "-m", "bipost.cli.main", "train", *args, f"train.output_dir={out}"],
+                          env={**ENV, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trainer = Trainer(load_config(overrides=[a for a in args if not a.startswith("dist.")]
+                                  + [f"train.output_dir={tmp_path / 'plan'}"]))
+    run = trainer.runs["sft"]
+    batch_rows = [{run.train[i].row_id for i in run.stream.indices(k)} for k in range(8)]
+    expected = {k + 1: sorted(rows & {5, 37}) for k, rows in enumerate(batch_rows) if rows & {5, 37}}
+    recs = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind", "train") == "train"]
+    assert {r["step"]: r["skipped_rows"]["sft"] for r in recs if r.get("skipped")} == expected
+    applied = 0
+    for r in recs:
+        assert r["lr"] == pytest.approx(1e-3 * (1 - applied / 8))
+        applied += not r.get("skipped")
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(out / "final" / "adapter_model.safetensors").values())
+
+
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, capsys):
     """With EOS's embedding NaN every row's loss is NaN: ``train.max_skipped_steps=2`` stops the
     run at step 2 with a clear error, exit code 3 from the CLI."""
