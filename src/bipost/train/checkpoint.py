@@ -227,7 +227,7 @@ def save_checkpoint(output_dir, step: int, engine, model, optimizer, scheduler, 
             os.replace(tmp, final)
             _fsync_dir(root)
 
-        previous = latest_checkpoint(output_dir) if engine.is_main else None
+        previous = latest_checkpoint(output_dir)  # for the message (the output dir is shared by all ranks)
         try:
             _agree(engine, _attempt(engine.is_main, start), f"the folder {tmp}")
             if engine.shards_optimizer:

@@ -285,9 +285,12 @@ class Engine:
 
         if not (tdist.is_available() and tdist.is_initialized()):
             return
-        from torch.distributed.distributed_c10d import _set_pg_timeout  # what torchtitan uses, too
-
-        _set_pg_timeout(timeout)
+        try:
+            from torch.distributed.distributed_c10d import _set_pg_timeout  # torchtitan sets its timeouts so
+        except ImportError:  # pragma: no cover - a torch without it keeps the timeout given at init
+            pass
+        else:
+            _set_pg_timeout(timeout)
         if self.world_size > 1 and not faulthandler.is_enabled():
             # NCCL's watchdog ends a process whose collective timed out (the exception never reaches
             # Python): the Python stacks this prints then show the stage it was in.
@@ -510,8 +513,9 @@ class Engine:
     # ------------------------------------------------------------ no-grad forwards outside the step
     def forward_module(self, model):
         """What a no-grad forward of ``model`` goes through: DDP's wrapped module (a no-grad forward
-        needs none of DDP's per-forward work, and its buffer broadcast is a collective), else the
-        model itself (FSDP2 / DeepSpeed gather partitioned parameters inside their modules' hooks)."""
+        needs none of DDP's work, and the wrapper broadcasts its buffers in the first forward after a
+        training step: a collective a rank without batches never joins), else the model itself
+        (FSDP2 / DeepSpeed gather partitioned parameters inside their modules' hooks)."""
         from torch.nn.parallel import DistributedDataParallel
 
         return model.module if isinstance(model, DistributedDataParallel) else model
