@@ -482,13 +482,8 @@ class Engine:
         hung) raises :class:`CollectiveError` naming the stage, on every rank that was waiting."""
         self._stages.append(name)
         try:
-            yield
-        except CollectiveError:
-            raise
-        except Exception as err:
-            if is_collective_failure(err):
-                raise self._collective_error(err) from err
-            raise
+            with self._collective():
+                yield
         finally:
             self._stages.pop()
 
@@ -500,7 +495,8 @@ class Engine:
 
     @contextlib.contextmanager
     def _collective(self) -> Iterator[None]:
-        """Wrap one collective call outside any :meth:`stage` (its error names the current stage)."""
+        """A failed or timed-out collective inside becomes a :class:`CollectiveError` naming the current
+        stage (the engine's own collectives use it too, so that they need no stage around them)."""
         try:
             yield
         except CollectiveError:

@@ -111,7 +111,7 @@ def _reference_cache(cfg: RunConfig, ocfg: ObjectiveConfig, task: DPOTask, data,
         batch_size = cfg.train.eval_batch_size or ocfg.micro_batch_size
         # [issue 10] ranks hold different numbers of batches: the engine's no-grad forwards keep them in step
         forwards = lambda batches: engine.no_grad_forwards(  # noqa: E731
-            model, lambda m, b: task.sequence_logps(m, b)[0], batches, filler=collate(examples[:1]), stage=stage)
+            model, lambda m, b: task.sequence_logps(m, b)[0], batches, filler=collate(examples[:1]), stage="forwards")
         return compute_reference_logps(examples, forwards, collate, batch_size, engine.rank, engine.world_size,
                                        engine.all_reduce_sum)
 
@@ -143,7 +143,7 @@ def _teacher_cache(cfg: RunConfig, ocfg: ObjectiveConfig, task: KDTask, data, to
                 return (*task.teacher_topk(batch, pos), pos.seq)
 
             # [issue 10] every rank runs every batch (same counts); the engine's no-grad forwards all the same
-            forwards = lambda batches: engine.no_grad_forwards(task.teacher, topk, batches, stage=stage)  # noqa: E731
+            forwards = lambda batches: engine.no_grad_forwards(task.teacher, topk, batches, stage="forwards")  # noqa: E731
             return compute_teacher_topk(examples, forwards, collate, cfg.train.eval_batch_size or ocfg.micro_batch_size)
         finally:
             task.teacher = None  # not resident while training
