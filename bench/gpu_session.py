@@ -111,7 +111,7 @@ def profile_bipost(ws: Path, spec: dict, out: Path) -> dict:
 
     for r in trainer.runs.values():
         wrap(r.stream, "next", "data (stream.next: collate)")
-        wrap(r.task, "loss", "forward + loss (task.loss)")
+        wrap(r.objective, "loss", "forward + loss (objective.loss)")
     wrap(trainer.engine, "backward", "backward")
     wrap(trainer.engine, "to_device", "to_device")
     wrap(trainer.engine, "clip_grad_norm", "clip_grad_norm (+ .item sync)")

@@ -56,7 +56,7 @@ train:
   batch_size: 32
   micro_batch_size: 1
   keep_last: 3                       # --max_ckpt_num's seed default
-  resume: true
+  resume: auto                       # --load_checkpoint: resume if there is a checkpoint
 dist: {{zero_stage: {zero3}}}                # without DeepSpeed installed the engine runs DDP (a warning)
 """
 

@@ -79,8 +79,8 @@ def test_every_rank_rebuilds_if_one_must(tmp_path):
     class OtherRankMustBuild(Collectives):
         world_size = 2
 
-        def all_reduce_sum(self, values):
-            return values + 1  # the other rank's flag is set
+        def any_rank(self, flag):
+            return True  # the other rank's flag is set
 
     load_or_build(tmp_path / "t.pt", ex, sft_content, {"k": 2}, build, Collectives(), "teacher")
     load_or_build(tmp_path / "t.pt", ex, sft_content, {"k": 2}, build, Collectives(), "teacher")
@@ -126,7 +126,7 @@ def test_rank_shares_complete_to_the_one_rank_table():
     also with more ranks than examples (a rank without examples learns the shapes from a filler)."""
     examples = [SFTExample(i, (1,), tuple(range(2, 3 + i % 3))) for i in range(5)]
 
-    def fn(batch):  # one row per response token: [token, row id]
+    def fn(_model, batch):  # one row per response token: [token, row id]
         xs = batch["examples"]
         seq = torch.cat([torch.full((len(e.response_ids),), j) for j, e in enumerate(xs)])
         tok = torch.cat([torch.tensor(e.response_ids) for e in xs])
@@ -136,21 +136,21 @@ def test_rank_shares_complete_to_the_one_rank_table():
     def collate(xs):
         return {"examples": xs}
 
-    one_offsets, one = compute_rows(examples, fn, collate, 2, Collectives())
+    one_offsets, one = compute_rows(examples, None, fn, collate, 2, Collectives())
     assert one_offsets.tolist() == [0, 1, 3, 6, 7, 9]
     assert one["pair"][:, 1].tolist() == [0, 1, 1, 2, 2, 2, 3, 4, 4]
     for world, data in ((2, examples), (3, examples[:2])):
         barrier, box, results = threading.Barrier(world), {}, {}
 
         def run(rank):
-            results[rank] = compute_rows(data, fn, collate, 2, ThreadRank(rank, world, barrier, box))
+            results[rank] = compute_rows(data, None, fn, collate, 2, ThreadRank(rank, world, barrier, box))
 
         threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        want_offsets, want = compute_rows(data, fn, collate, 2, Collectives())
+        want_offsets, want = compute_rows(data, None, fn, collate, 2, Collectives())
         for rank in range(world):
             offsets, got = results[rank]
             assert torch.equal(offsets, want_offsets)

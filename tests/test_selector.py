@@ -440,7 +440,7 @@ def test_seed_command_line_parses_into_the_config(tmp_path):
     assert (s.enabled, s.lr, s.activation, s.name, s.objective) == (True, 1e-2, "softmax", "sel", "sft_2")
     t = cfg.train
     assert (t.output_dir, t.batch_size, t.micro_batch_size, t.epochs, t.save_steps, t.eval_steps, t.resume) == (
-        str(tmp_path / "s"), 8, 4, 1.0, 0, 0, True)
+        str(tmp_path / "s"), 8, 4, 1.0, 0, 0, "auto")  # --load_checkpoint: resume if there is a checkpoint
     assert (cfg.optim.lr, cfg.dist.zero_stage) == (1e-3, 2)
 
 

@@ -182,8 +182,14 @@ class TrainConfig:
     """Checkpoint every this many steps (0: only the final model)."""
     keep_last: int = 2
     """Keep this many most recent checkpoints."""
-    resume: bool = False
-    """Resume from the latest complete checkpoint in output_dir."""
+    resume: str = "false"
+    """false: a fresh run (an output_dir that already holds checkpoints is an error) | true: continue from the latest complete checkpoint in output_dir (an error if there is none) | auto: continue if there is one, else start fresh, so that a requeued job runs the same command."""
+    resume_allow_changes: list[str] = field(default_factory=list)
+    """Settings that may differ from the checkpoint's when resuming, although they change the run's trajectory (e.g. optim.lr, world_size; a prefix such as objectives covers all under it). Without them such a difference is an error that lists every one; the step budget (max_steps, epochs), logging, evaluation and saving settings may always change."""
+    save_on_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    """Signals (sent by a scheduler before it stops a job, or Ctrl-C) on which every rank finishes the current step, writes a checkpoint and exits with code 75; a second one stops at once. Empty: the signals keep their default action."""
+    max_skipped_steps: int = 5
+    """A step whose loss or gradient norm is not finite (on any rank) is skipped: no optimizer or LR step, its gradients dropped, logged with its rows. This many skipped steps in a row stop the run with an error."""
     logging_steps: int = 1
     """Print / log metrics every this many steps."""
     report_to: list[str] = field(default_factory=list)
@@ -223,6 +229,8 @@ class DistConfig:
     """Offload frozen reference/teacher weights to the CPU (seed flag --ref_offload)."""
     zero_hpz_partition_size: int = 1
     """DeepSpeed ZeRO++ hierarchical partition size (seed flag --zpg)."""
+    timeout: float = 600.0
+    """Seconds a collective may wait for the other ranks (every one: training steps, evaluation, cache builds, checkpoints). A rank that died or hung then surfaces as an error naming the stage instead of a run that waits forever. Keep it above the longest work one rank does alone (the main rank writing a checkpoint)."""
 
 
 @dataclass

@@ -237,6 +237,9 @@ def validate(cfg: C.RunConfig) -> None:
     t = cfg.train
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1")
     _check(t.keep_last >= 1, "train.keep_last must be >= 1")
+    t.resume = _resume_mode(t.resume)
+    _check(t.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1")
+    t.save_on_signals = [_signal_name(s) for s in t.save_on_signals]
     _check(t.prefetch >= 0, "train.prefetch must be >= 0")
     for sink in t.report_to:
         _check(sink in ("tensorboard", "wandb"), f"train.report_to: unknown sink {sink!r} (tensorboard, wandb)")
@@ -249,7 +252,26 @@ def validate(cfg: C.RunConfig) -> None:
     d = cfg.dist
     _check(d.backend in ("auto", "ddp", "fsdp2", "deepspeed"), "dist.backend must be auto, ddp, fsdp2 or deepspeed")
     _check(d.zero_stage in (0, 1, 2, 3), "dist.zero_stage must be 0, 1, 2 or 3")
+    _check(d.timeout > 0, "dist.timeout must be > 0 seconds")
     _check(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype: auto|float32|bfloat16|float16")
+
+
+def _resume_mode(value) -> str:
+    mode = str(value).strip().lower()
+    mode = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false", "off": "false"}.get(mode, mode)
+    _check(mode in ("true", "false", "auto"), f"train.resume must be true, false or auto, not {value!r}")
+    return mode
+
+
+CATCHABLE_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
+"""Signals ``train.save_on_signals`` may name (SIGKILL and SIGSTOP cannot be caught)."""
+
+
+def _signal_name(name: str) -> str:
+    full = str(name).strip().upper()
+    full = full if full.startswith("SIG") else "SIG" + full
+    _check(full in CATCHABLE_SIGNALS, f"train.save_on_signals: {name!r} is not one of {', '.join(CATCHABLE_SIGNALS)}")
+    return full
 
 
 def _validate_selector(cfg: C.RunConfig) -> None:

@@ -21,18 +21,29 @@ path GPUs run (DeepSpeed on CPU also needs ``DS_ACCELERATOR=cpu``).
 Gradient accumulation is the loop's (objectives have their own micro-batch counts, which may vary
 per step), so every engine is told "1" and the optimizer-step boundary is given per micro-batch
 through :meth:`Engine.no_sync`.
+
+Reliability (what keeps a many-rank run from hanging):
+
+* Forwards outside the training step (evaluation, probes, the selector's measure, cache builds) go
+  through :meth:`Engine.no_grad_forwards`, whatever the number of batches each rank holds: the one
+  place that knows which engines run a collective inside a forward.
+* Every collective has a timeout (``dist.timeout``); :meth:`Engine.stage` names what the run is
+  doing, and a collective that fails or times out (a rank died, hung, or took another path)
+  becomes a :class:`CollectiveError` naming that stage on the ranks that were waiting.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
+import faulthandler
 import logging
 import math
 import os
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -132,6 +143,26 @@ def frozen_deepspeed_config(train_cfg: dict, offload: bool) -> dict:
     }
 
 
+class CollectiveError(RuntimeError):
+    """A collective operation failed or timed out on this rank: another rank died, hung, or ran a
+    different sequence of collectives. The message names the stage this rank was in."""
+
+
+# Messages of the errors gloo / NCCL raise when a peer is gone or a collective timed out (gloo raises
+# plain RuntimeErrors; torch's DistError subclasses cover the rest).
+_COLLECTIVE_MARKERS = ("third_party/gloo", "Timed out waiting", "Connection closed by peer",
+                       "Connection reset by peer", "NCCL error", "NCCL communicator", "ncclRemoteError",
+                       "ncclSystemError", "ncclInternalError", "Watchdog caught collective operation timeout")
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a failed or timed-out collective (as opposed to a bug in this rank)."""
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(err, dist_error):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _COLLECTIVE_MARKERS)
+
+
 def _ensure_process_group_env() -> None:
     """A one-rank process group for ``fsdp2`` / ``deepspeed`` started without a launcher."""
     if "RANK" in os.environ or "LOCAL_RANK" in os.environ:
@@ -200,8 +231,13 @@ class Engine(ModelAccess):
                  max_grad_norm: float = 1.0, mixed_precision: str | None = None, cpu: bool | None = None):
         from accelerate import Accelerator
 
+        from accelerate.utils import InitProcessGroupKwargs
+
         self.dist = dist or DistConfig()
         self.max_grad_norm = max_grad_norm
+        self._stages: list[str] = []
+        timeout = datetime.timedelta(seconds=self.dist.timeout)
+        handlers = [InitProcessGroupKwargs(timeout=timeout)]  # the process group's (and DeepSpeed's) timeout
         if cpu is None:
             cpu = not torch.cuda.is_available()
         wanted = resolve_backend(self.dist)
@@ -210,7 +246,7 @@ class Engine(ModelAccess):
             if self.dist.backend != "auto" and wanted != from_launcher:
                 log.warning("dist.backend=%s is ignored: the accelerate config chose %s", self.dist.backend,
                             from_launcher)
-            self.acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+            self.acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers)
             if cpu:  # accelerate ignores FSDP / DeepSpeed configs on CPU; apply them as below
                 plugin = self._launcher_plugin(from_launcher)
                 self._switch_cpu_state(from_launcher, plugin, self.acc.mixed_precision)
@@ -219,14 +255,15 @@ class Engine(ModelAccess):
             plugin = self._plugin(wanted, mp, offload=self.dist.offload_optimizer and not cpu)
             _ensure_process_group_env()
             if cpu:
-                self.acc = Accelerator(cpu=True, mixed_precision=mp)
+                self.acc = Accelerator(cpu=True, mixed_precision=mp, kwargs_handlers=handlers)
                 self._switch_cpu_state(wanted, plugin, mp)
             elif wanted == "fsdp2":
-                self.acc = Accelerator(fsdp_plugin=plugin, mixed_precision=mp)
+                self.acc = Accelerator(fsdp_plugin=plugin, mixed_precision=mp, kwargs_handlers=handlers)
             else:
-                self.acc = Accelerator(deepspeed_plugin=plugin, mixed_precision=mp)
+                self.acc = Accelerator(deepspeed_plugin=plugin, mixed_precision=mp, kwargs_handlers=handlers)
         else:
-            self.acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision or "no")
+            self.acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision or "no", kwargs_handlers=handlers)
+        self._apply_timeout(timeout)
         self.backend = self._backend_of_state()
         self.offload_reference = self.dist.offload_reference and self.device.type != "cpu"
         """Frozen models' weights live in CPU memory (``dist.offload_reference``; moot on a CPU)."""
@@ -288,6 +325,24 @@ class Engine(ModelAccess):
             self.acc.deepspeed_engine_wrapped = None
         # every AcceleratorState() re-reads the process-level state (accelerate does the same)
         PartialState._shared_state["distributed_type"] = state.distributed_type
+
+    def _apply_timeout(self, timeout: datetime.timedelta) -> None:
+        """``dist.timeout`` on the default process group, also when it already existed (another engine
+        in this process, or accelerate's ``to_kwargs`` dropping a value equal to its own default)."""
+        import torch.distributed as tdist
+
+        if not (tdist.is_available() and tdist.is_initialized()):
+            return
+        try:
+            from torch.distributed.distributed_c10d import _set_pg_timeout  # torchtitan sets its timeouts so
+        except ImportError:  # pragma: no cover - a torch without it keeps the timeout given at init
+            pass
+        else:
+            _set_pg_timeout(timeout)
+        if self.world_size > 1 and not faulthandler.is_enabled():
+            # NCCL's watchdog ends a process whose collective timed out (the exception never reaches
+            # Python): the Python stacks this prints then show the stage it was in.
+            faulthandler.enable(all_threads=True)
 
     def _backend_of_state(self) -> str:
         kind = str(self.acc.distributed_type).split(".")[-1]
@@ -446,17 +501,98 @@ class Engine(ModelAccess):
         else:
             yield
 
-    def clip_grad_norm(self, model, max_norm: float) -> float:
+    def clip_grad_norm(self, model, max_norm: float) -> float | None:
         """Clip the global gradient norm (0: don't) and return it, before clipping. DeepSpeed clips
-        inside its step with ``gradient_clipping`` and reports the norm it measured."""
+        inside its step with ``gradient_clipping`` and reports the norm it measured (None where it
+        measures none: ``zero_optimization.compute_grad_norm=false``)."""
         if self.backend == "deepspeed":
             norm = self.acc.clip_grad_norm_(model.parameters(), max_norm)
-            return float(norm) if norm is not None else float("nan")
+            return float(norm) if norm is not None else None
         limit = max_norm if max_norm and max_norm > 0 else math.inf
         return float(self.acc.clip_grad_norm_(model.parameters(), limit))
 
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    # ------------------------------------------------------------ stages and failures
+    @property
+    def current_stage(self) -> str:
+        """What the run is doing, outermost first (``train step 12 > maxright probe``)."""
+        return " > ".join(self._stages) or "setup"
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Name what the run does inside: a collective that fails or times out in it (a rank died or
+        hung) raises :class:`CollectiveError` naming the stage, on every rank that was waiting."""
+        self._stages.append(name)
+        try:
+            with self._collective():
+                yield
+        finally:
+            self._stages.pop()
+
+    def _collective_error(self, err: BaseException) -> CollectiveError:
+        return CollectiveError(
+            f"rank {self.rank}/{self.world_size}: a collective operation failed during {self.current_stage} "
+            f"(dist.timeout={self.dist.timeout:g}s): another rank died, hung, or ran different collectives; "
+            f"see the other ranks' output. Cause: {err}")
+
+    @contextlib.contextmanager
+    def _collective(self) -> Iterator[None]:
+        """A failed or timed-out collective inside becomes a :class:`CollectiveError` naming the current
+        stage (the engine's own collectives use it too, so that they need no stage around them)."""
+        try:
+            yield
+        except CollectiveError:
+            raise
+        except Exception as err:
+            if is_collective_failure(err):
+                raise self._collective_error(err) from err
+            raise
+
+    # ------------------------------------------------------------ no-grad forwards outside the step
+    def forward_module(self, model):
+        """What a no-grad forward of ``model`` goes through: DDP's wrapped module (a no-grad forward
+        needs none of DDP's work, and the wrapper broadcasts its buffers in the first forward after a
+        training step: a collective a rank without batches never joins), else the model itself
+        (FSDP2 / DeepSpeed gather partitioned parameters inside their modules' hooks)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        return model.module if isinstance(model, DistributedDataParallel) else model
+
+    def no_grad_forwards(self, model, fn: Callable[[Any, dict], Any], batches: Sequence[dict], *,
+                         filler: dict | None = None, stage: str) -> list:
+        """``[fn(m, batch) for batch in batches]`` without gradients, ``model`` in eval mode, for
+        forwards outside the training step, where ranks may hold different numbers of batches
+        (evaluation, MAXRIGHT's probe, the selector's measure, reference / teacher cache builds).
+
+        ``m`` is :meth:`forward_module` of ``model``; ``batches`` (a sequence: its length is read
+        first) are moved to the device one at a time. On engines whose every forward is a collective
+        (:attr:`lockstep_forwards`) the ranks first agree on the largest batch count (one all-reduce)
+        and a rank with fewer runs uncounted forwards of ``filler`` (default: its first batch; needed
+        when a rank may hold none). Every rank must call it, in the same order."""
+        with self.stage(stage):
+            pad = 0
+            if self.lockstep_forwards and self.world_size > 1:
+                counts = torch.zeros(self.world_size, dtype=torch.float64)
+                counts[self.rank] = len(batches)
+                pad = int(self.all_reduce_sum(counts).max().item()) - len(batches)
+            if pad and filler is None:
+                if not len(batches):
+                    raise ValueError(f"{stage}: rank {self.rank} has no batches to run while other ranks do; "
+                                     f"pass a filler batch")
+                filler = batches[0]
+            fwd = self.forward_module(model)
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    out = [fn(fwd, self.to_device(b)) for b in batches]
+                    for _ in range(pad):  # the same number of (parameter-gathering) forwards on every rank
+                        fn(fwd, self.to_device(filler))  # type: ignore[arg-type]
+            finally:
+                model.train(was_training)
+            return out
 
     # ------------------------------------------------------------ collectives
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
@@ -464,10 +600,77 @@ class Engine(ModelAccess):
         values = values.to(self.device, torch.float64)
         if self.world_size == 1:
             return values
-        return self.acc.reduce(values, reduction="sum")
+        with self._collective():
+            return self.acc.reduce(values, reduction="sum")
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is True on any rank (a collective: every rank calls it)."""
+        return bool(self.all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` (picklable) on every rank, e.g. a decision only the main rank can take."""
+        if self.world_size == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        box = [obj]
+        with self._collective():
+            broadcast_object_list(box, from_process=src)
+        return box[0]
+
+    def gather_objects(self, obj: Any) -> list:
+        """Every rank's ``obj``, in rank order, on every rank (picklable objects; for rare paths such
+        as reporting a skipped step's rows)."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as tdist
+
+        out: list = [None] * self.world_size
+        with self._collective():
+            tdist.all_gather_object(out, obj)
+        return out
 
     def barrier(self) -> None:
-        self.acc.wait_for_everyone()
+        if self.world_size == 1:
+            return
+        with self._collective():
+            self.acc.wait_for_everyone()
+
+    # ------------------------------------------------------------ the optimizer step
+    def optimizer_step(self, optimizer, apply: bool) -> bool:
+        """Apply the step's gradients (``apply``) or drop them; returns whether the weights changed.
+
+        DeepSpeed has already stepped inside the boundary micro-batch's backward (accelerate's
+        ``DeepSpeedEngineWrapper``), before the loop could look at the step's losses. Its ZeRO
+        optimizers check the gradients for inf / NaN (fp16 always, bf16 with
+        ``bf16.check_grad_overflow``, its default, fp32 through an invalid gradient norm) and skip
+        such a step, clearing them; this reports what DeepSpeed did (``was_step_applied``)."""
+        if self.backend == "deepspeed":
+            return bool(self.acc.deepspeed_engine_wrapped.engine.was_step_applied())
+        if apply:
+            optimizer.step()
+        else:
+            scaler = getattr(self.acc, "scaler", None)
+            if scaler is not None:
+                # fp16 AMP: the loss scaler still backs off after an overflow (clip_grad_norm has
+                # unscaled the gradients, which recorded the overflow for it).
+                scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return apply
+
+    def nonfinite_parameters(self, model) -> list[str]:
+        """Names of the trained parameters holding inf / NaN on any rank (a collective: every rank
+        calls it; sharded parameters are checked shard by shard where they live)."""
+        named = [(n, p) for n, p in self.unwrap(model).named_parameters() if p.requires_grad]
+        flags = torch.zeros(len(named), dtype=torch.float64, device=self.device)
+        for i, (_, p) in enumerate(named):
+            t = getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
+            if type(t).__name__ == "DTensor":  # FSDP2: this rank's shard
+                t = t.to_local()
+            if t.numel():
+                flags[i] = (~torch.isfinite(t.detach())).any().to(flags.device, flags.dtype)
+        flags = self.all_reduce_sum(flags).cpu()
+        return [n for (n, _), f in zip(named, flags.tolist()) if f > 0]
 
     # ------------------------------------------------------------ state
     def model_state_dict(self, model, trainable_only: bool = False) -> dict[str, torch.Tensor]:

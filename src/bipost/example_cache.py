@@ -16,17 +16,17 @@ while training. One mechanism serves every kind (:class:`ExampleCache`):
   tokenizer, ``max_len``, the dtype and the kind's own settings. A file whose key differs, or that
   cannot be read, is reported and rebuilt, never used; it is written atomically (a temporary file
   renamed over the old one), so a killed run never leaves a torn cache;
-* the build is split over ranks (rank ``r`` of ``W`` takes examples ``r, r + W, ...``) and completed
-  on every rank by two all-reduces; under engines whose every forward is a collective, ranks with
-  fewer batches run uncounted filler forwards; every rank rebuilds if any rank must.
+* the build is split over ranks (rank ``r`` of ``W`` takes examples ``r, r + W, ...``) through the
+  engine's no-grad forwards (ranks with fewer batches stay in step on every engine) and completed on
+  every rank by two all-reduces; every rank rebuilds if any rank must.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,52 +141,55 @@ def cache_meta(examples: Sequence, content: Content, role: str, model: str, toke
 
 # ---------------------------------------------------------------- build
 class Collectives:
-    """What a cache build needs from the engine (every method is called on every rank)."""
+    """What a cache build needs from the engine (:class:`bipost.engine.Engine` is one; this base is
+    the single-process version). Every method is called on every rank."""
 
     rank: int = 0
     world_size: int = 1
     is_main: bool = True
-    lockstep_forwards: bool = False
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         return values
 
+    def any_rank(self, flag: bool) -> bool:
+        return flag
+
     def barrier(self) -> None:
         pass
 
-    def to_device(self, batch: dict) -> dict:
-        return batch
+    def stage(self, name: str):
+        return contextlib.nullcontext()
+
+    def no_grad_forwards(self, model, fn, batches, *, filler=None, stage: str) -> list:
+        with torch.no_grad():
+            return [fn(model, b) for b in batches]
 
 
-def compute_rows(examples: Sequence, fn: Callable[[dict], tuple[dict[str, torch.Tensor], torch.Tensor]],
+def compute_rows(examples: Sequence, model, fn: Callable[[object, dict], tuple[dict[str, torch.Tensor], torch.Tensor]],
                  collate: Callable[[list], dict], batch_size: int, comm: Collectives
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(offsets [N + 1], {name: [P, ...]})``: every example's rows, on every rank, without grad.
 
-    ``fn(batch)`` returns ``({name: [R, ...]}, seq [R])`` for a collated batch, ``seq`` naming the
-    batch example (ascending) each row belongs to. Rank ``r`` computes examples ``r, r + W, ...``;
-    one all-reduce completes the row counts, a second the rows (in float64: exact for token ids
-    below 2**53 and for fp32 values)."""
+    ``fn(model, batch)`` returns ``({name: [R, ...]}, seq [R])`` for a collated batch, ``seq`` naming
+    the batch example (ascending) each row belongs to. Rank ``r`` computes examples ``r, r + W, ...``
+    through the engine's no-grad forwards (ranks with fewer batches stay in step where every forward
+    is a collective); one all-reduce completes the row counts, a second the rows (in float64: exact
+    for token ids below 2**53 and for fp32 values)."""
     n, world = len(examples), comm.world_size
     mine = list(range(comm.rank, n, world))
-    counts = torch.zeros(n, dtype=torch.float64)
-    local: list[tuple[list[int], dict[str, torch.Tensor], torch.Tensor]] = []
     batches = [mine[s:s + batch_size] for s in range(0, len(mine), batch_size)]
-    with torch.no_grad():
-        for idx in batches:
-            values, seq = fn(comm.to_device(collate([examples[i] for i in idx])))
-            seq = seq.cpu()
-            counts[idx] = torch.bincount(seq, minlength=len(idx)).double()
-            local.append((idx, {k: v.cpu() for k, v in values.items()}, seq))
-        # Uncounted filler forwards: under engines whose every forward is a collective, ranks with fewer
-        # batches match rank 0's count (it holds the most); a rank without examples (more ranks than
-        # examples) runs one anyway, to learn the cached tensors' shapes.
-        most = math.ceil(math.ceil(n / world) / batch_size) if n else 0
-        fillers = most - len(batches) if comm.lockstep_forwards else int(n > 0 and not batches)
-        shapes = {k: (tuple(v.shape[1:]), v.dtype) for k, v in local[0][1].items()} if local else {}
-        for _ in range(fillers):
-            values, _ = fn(comm.to_device(collate([examples[0]])))
-            shapes = shapes or {k: (tuple(v.shape[1:]), v.dtype) for k, v in values.items()}
+    # A rank without examples (more ranks than examples) runs one uncounted batch all the same, to
+    # learn the cached tensors' shapes.
+    spare = [[0]] if n and not batches else []
+    outs = comm.no_grad_forwards(model, fn, _Collated(batches + spare, examples, collate),
+                                 filler=collate([examples[0]]) if n else None, stage="forwards")
+    shapes = {k: (tuple(v.shape[1:]), v.dtype) for k, v in outs[0][0].items()} if outs else {}
+    counts = torch.zeros(n, dtype=torch.float64)
+    local = []
+    for idx, (values, seq) in zip(batches, outs):
+        seq = seq.cpu()
+        counts[idx] = torch.bincount(seq, minlength=len(idx)).double()
+        local.append((idx, {k: v.cpu() for k, v in values.items()}, seq))
     if world > 1:
         counts = comm.all_reduce_sum(counts).cpu()
     offsets = torch.zeros(n + 1, dtype=torch.int64)
@@ -204,6 +207,19 @@ def compute_rows(examples: Sequence, fn: Callable[[dict], tuple[dict[str, torch.
     return offsets, {k: table[k].to(dtype) for k, (_, dtype) in shapes.items()}
 
 
+class _Collated(Sequence):
+    """Batches of example indices, collated when the forwards reach them (not all held at once)."""
+
+    def __init__(self, batches: list[list[int]], examples: Sequence, collate: Callable[[list], dict]):
+        self.batches, self.examples, self.collate = batches, examples, collate
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.collate([self.examples[j] for j in self.batches[i]])
+
+
 # ---------------------------------------------------------------- load / save
 def load_or_build(path: Path, examples: Sequence, content: Content, meta: dict,
                   build: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]],
@@ -211,7 +227,12 @@ def load_or_build(path: Path, examples: Sequence, content: Content, meta: dict,
                   ) -> ExampleCache:
     """The cache at ``path`` if its key matches ``meta`` (and ``check(tensors)`` finds nothing wrong);
     otherwise ``build()`` it (on every rank, if any rank must: their collectives then match) and save
-    it from the main rank."""
+    it from the main rank. A collective that fails or hangs inside names this cache build."""
+    with comm.stage(f"{what} cache build ({path.stem})"):
+        return _load_or_build(path, examples, content, meta, build, comm, what, check)
+
+
+def _load_or_build(path, examples, content, meta, build, comm, what, check) -> ExampleCache:
     key = _sha(meta)
     found = _read(path, key, meta, what, len(examples))
     if found is not None:
@@ -219,7 +240,7 @@ def load_or_build(path: Path, examples: Sequence, content: Content, meta: dict,
         if problem:
             log.warning("%s cache %s %s; rebuilding", what, path, problem)
             found = None
-    if _any_rank(comm, found is None):
+    if comm.any_rank(found is None):
         log.info("computing %s of %d examples -> %s", what, len(examples), path)
         offsets, tensors = build()
         if comm.is_main:
@@ -229,13 +250,6 @@ def load_or_build(path: Path, examples: Sequence, content: Content, meta: dict,
         log.info("%s of %d examples from %s", what, len(examples), path)
         offsets, tensors = found  # type: ignore[misc]
     return ExampleCache.of(examples, content, offsets, tensors)
-
-
-def _any_rank(comm: Collectives, flag: bool) -> bool:
-    """Whether ``flag`` is True on any rank (a collective)."""
-    if comm.world_size == 1:
-        return flag
-    return bool(comm.all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64)).item() > 0)
 
 
 def _write(path: Path, key: str, meta: dict, offsets: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:

@@ -413,7 +413,7 @@ def config_dict(args) -> dict:
             "eval_steps": max(args.eval_steps, 0),
             "save_steps": max(args.save_steps, 0),
             "keep_last": args.max_ckpt_num,
-            "resume": args.load_checkpoint,
+            "resume": "auto" if args.load_checkpoint else "false",
             "logging_steps": args.logging_steps,
             "report_to": report_to,
             "wandb_project": args.wandb_project,

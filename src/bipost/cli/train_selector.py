@@ -28,7 +28,7 @@ seed flag                      config field
 --max_epochs                   train.epochs
 --save_path                    train.output_dir
 --save_steps/--eval_steps -1   0 (only at the end)
---load_checkpoint              train.resume (really resumes, selector included)
+--load_checkpoint              train.resume=auto (really resumes, selector included; a fresh run if none)
 --zero_stage                   dist.zero_stage
 =============================  ==========================================================
 """
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save_steps", type=int, default=-1, help="-1: only the final model")
     t.add_argument("--logging_steps", type=int, default=1)
     t.add_argument("--eval_steps", type=int, default=-1, help="-1: only at the end")
-    t.add_argument("--load_checkpoint", action="store_true", help="resume from the latest checkpoint in --save_path")
+    t.add_argument("--load_checkpoint", action="store_true", help="resume from the latest complete checkpoint in --save_path (a fresh run if none)")
     t.add_argument("--zero_stage", type=int, default=0)
     t.add_argument("--use_wandb", nargs="?", const="1", default=None, help="log to wandb")
     t.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (unused)")
@@ -156,7 +156,7 @@ def to_config(args: argparse.Namespace):
             "save_steps": max(0, args.save_steps),
             "eval_steps": max(0, args.eval_steps),
             "logging_steps": max(1, args.logging_steps),
-            "resume": args.load_checkpoint,
+            "resume": "auto" if args.load_checkpoint else "false",
             "report_to": ["wandb"] if args.use_wandb else [],
         },
         "dist": {"zero_stage": args.zero_stage},

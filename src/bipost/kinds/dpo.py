@@ -145,15 +145,14 @@ def _reference_cache(cfg: DPOConfig, ctx: BuildContext, ref_path: str) -> Exampl
                       str(resolve_dtype(ctx.run.model.dtype)))
     collate = PREF.collate_fn(ctx.tokenizer.pad_token_id, ctx.packing)
 
+    def sums(model, batch):
+        n = int(batch["row_ids"].shape[0])
+        logps = ctx.forward.sequence_logps(model, batch, 2 * n)[0]
+        return {"logps": logps.view(2, n).t()}, torch.arange(n)
+
     def build():
-        model = ctx.frozen_model(ref_path)
-
-        def sums(batch):
-            n = int(batch["row_ids"].shape[0])
-            logps = ctx.forward.sequence_logps(model, batch, 2 * n)[0]
-            return {"logps": logps.view(2, n).t()}, torch.arange(n)
-
-        return compute_rows(examples, sums, collate, ctx.eval_batch_size or cfg.micro_batch_size, ctx.engine)
+        return compute_rows(examples, ctx.frozen_model(ref_path), sums, collate,
+                            ctx.eval_batch_size or cfg.micro_batch_size, ctx.engine)
 
     return load_or_build(ctx.cache_dir / f"ref-{cfg.name}.pt", examples, _content, meta, build, ctx.engine,
                          "reference log-probs")

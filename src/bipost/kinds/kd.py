@@ -147,16 +147,15 @@ def _teacher_cache(cfg: KDConfig, ctx: BuildContext, student_vocab: int) -> Exam
                       str(resolve_dtype(ctx.run.model.dtype)), k=cfg.kd_topk, temperature=cfg.temperature)
     collate = SFT.collate_fn(ctx.tokenizer.pad_token_id, ctx.packing)
 
+    def topk(teacher, batch):
+        pos = positions(batch, int(batch["row_ids"].shape[0]))
+        ids, logps = topk_of(ctx.forward, teacher, batch, pos, cfg)
+        return {"ids": ids.to(torch.int32), "logps": logps.float()}, pos.seq
+
     def build():
         teacher = ctx.frozen_model(cfg.teacher)  # type: ignore[arg-type]
         _check_topk_teacher(cfg, student_vocab, ctx.engine.head_rows(teacher))
-
-        def topk(batch):
-            pos = positions(batch, int(batch["row_ids"].shape[0]))
-            ids, logps = topk_of(ctx.forward, teacher, batch, pos, cfg)
-            return {"ids": ids.to(torch.int32), "logps": logps.float()}, pos.seq
-
-        return compute_rows(examples, topk, collate, ctx.eval_batch_size or cfg.micro_batch_size, ctx.engine)
+        return compute_rows(examples, teacher, topk, collate, ctx.eval_batch_size or cfg.micro_batch_size, ctx.engine)
 
     def check(tensors):
         if tensors["ids"].shape[1] != cfg.kd_topk:

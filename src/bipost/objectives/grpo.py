@@ -1,6 +1,6 @@
 """Group Relative Policy Optimization (GRPO) and its DAPO / Dr. GRPO variants, on per-token log-probs.
 
-Inputs are laid out as the chunked path of ``train.tasks`` produces them (``positions()`` +
+Inputs are laid out as the chunked path of ``modeling.forward`` produces them (``positions()`` +
 ``response_logprobs``): ``logps`` ``[M]`` are the log-probs of the ``M`` completion tokens of a
 micro-batch, and ``seq`` ``[M]`` says which of its ``S`` completions each token belongs to.
 

@@ -107,6 +107,10 @@ class SelectorHook(StepHook):
             self._write(self.dir / f"epoch-{epoch:03d}", step + 1, model=self.cfg.save_epoch_models)
         return metrics
 
+    def skipped_step(self, step) -> None:
+        # a skipped (non-finite) step: its rows' losses must not reach the selector's Adam
+        self._ids, self._losses = [], []
+
     def on_end(self, step: int) -> None:
         self._write(self.dir, step, model=False)  # the model is the run's final/
         self.comm.print(f"[selector] weights of {len(self.weights)} rows of '{self.name}' in {self.dir}")

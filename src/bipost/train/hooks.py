@@ -81,6 +81,10 @@ class StepHook:
         """After the optimizer step; returns metrics to log."""
         return {}
 
+    def skipped_step(self, step: int) -> None:
+        """Instead of ``after_step`` when the step was skipped (a non-finite loss or gradient norm on
+        some rank; the same on every rank): drop what ``transform`` kept of it."""
+
     def on_end(self, step: int) -> None:
         """After the final model is saved (``step``: the steps run)."""
 

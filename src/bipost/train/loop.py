@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from bipost.config import RunConfig
 from bipost.data import eval_batches
@@ -30,6 +28,7 @@ from bipost.kinds import StepContext
 from bipost.objectives import ObjectiveOutput
 from bipost.schedules import StepPlan, make_schedule
 from bipost.train import checkpoint as ckpt
+from bipost.train import preempt
 from bipost.train.build import (
     ObjectiveRun,
     build_objectives,
@@ -38,6 +37,7 @@ from bipost.train.build import (
     step_budget,
     steps_per_pass,
 )
+from bipost.train.guard import NonFiniteGuard
 from bipost.train.hooks import HookContext, ObjectiveView, StepHook
 from bipost.train.metrics import MetricsWriter
 from bipost.train.step_metrics import StepMetrics
@@ -86,10 +86,12 @@ class Trainer:
         self.tokens = 0
         self.elapsed = 0.0
         self.stopped_early: str | None = None
+        self.guard = NonFiniteGuard(cfg.train.max_skipped_steps)
+        self.signals = preempt.SignalFlag(cfg.train.save_on_signals)
+        self._ds_applied = False
         for hook in self.hooks:
             hook.bind(self.hook_context())
-        if cfg.train.resume:
-            self._resume()
+        self._resume()
         self.metrics = MetricsWriter(self.out, cfg.train.report_to, dataclasses.asdict(cfg),
                                      enabled=self.engine.is_main, wandb_project=cfg.train.wandb_project)
 
@@ -106,26 +108,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup helpers
     def _prepare_output_dir(self) -> None:
-        t = self.cfg.train
-        if self.engine.is_main:
-            existing = ckpt.list_complete(self.out)
-            if existing and not t.resume:
-                raise FileExistsError(
-                    f"{self.out} already holds checkpoints ({existing[-1].name}); pass train.resume=true "
-                    f"to continue that run, or choose another train.output_dir"
-                )
-            self.out.mkdir(parents=True, exist_ok=True)
-            if not t.resume and (self.out / "metrics.jsonl").exists():
-                (self.out / "metrics.jsonl").unlink()
-            (self.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
-        self.engine.barrier()
+        # Decided on the main rank (train.resume false | true | auto), the same error raised on every rank.
+        ckpt.prepare_output_dir(self.out, self.cfg, self.engine)
+
+    def settings(self) -> dict:
+        """What a resumed run must share with this one (``checkpoint.run_settings``)."""
+        return ckpt.run_settings(self.cfg, self.engine.world_size, self.max_steps)
 
     def _resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.out)
-        if path is None:
-            self.engine.print(f"[resume] no complete checkpoint in {self.out}; starting from scratch")
+        # A verified checkpoint (a damaged one falls back to the previous), its settings checked.
+        state = ckpt.resume(self.out, self.engine, self.model, self.optimizer, self.scheduler, self.settings())
+        if state is None:
             return
-        state = ckpt.load_checkpoint(path, self.engine, self.model, self.optimizer, self.scheduler)
         self.step = state["step"]
         self.tokens = state.get("tokens", 0)
         self.elapsed = state.get("elapsed", 0.0)
@@ -136,7 +130,7 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         for hook, hs in zip(self.hooks, state.get("hooks", [])):
             hook.load_state_dict(hs)
-        self.engine.print(f"[resume] from {path} (step {self.step})")
+        self.guard.load_state_dict(state.get("guard", {}))
 
     def trainer_state(self) -> dict:
         return {
@@ -147,6 +141,7 @@ class Trainer:
             "objectives": {n: r.objective.state_dict() for n, r in self.runs.items()},
             "schedule": self.schedule.state_dict(),
             "hooks": [h.state_dict() for h in self.hooks],
+            "guard": self.guard.state_dict(),
         }
 
     # ------------------------------------------------------------------ one step
@@ -163,18 +158,30 @@ class Trainer:
             for batch in micro_batches:
                 micro += 1
                 acc.tokens += int(batch["attention_mask"].sum())
-                acc.add(name, self.forward_backward(name, batch, scale, sync=micro == last))
-        grad_norm, lr = self.optimizer_step()
-        losses, metrics, tokens = acc.reduce(self.engine, units)
-        self.schedule.observe(step, losses)
-        rec = {"step": step + 1, "ran": list(batches), "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
-        rec.update({f"loss/{n}": v for n, v in losses.items()})
+                out = self.forward_backward(name, batch, scale, sync=micro == last)
+                self.guard.record(name, batch, out.losses)
+                acc.add(name, out)
+        # The step's one all-reduce comes before the optimizer step: a non-finite global loss skips the
+        # step on every rank, and a preemption signal on any rank stops every rank after it.
+        acc.flags["signal"] = self.signals.local_flag()
+        sums = acc.reduce(self.engine, units)
+        self.signals.agree(sums.flags["signal"])
+        grad_norm, lr, applied = self.optimizer_step(sums.losses)
+        rec = {"step": step + 1, "ran": list(batches), "lr": lr, "grad_norm": grad_norm, "tokens": sums.tokens}
+        if applied:
+            self.schedule.observe(step, sums.losses)
+            for hook in self.hooks:
+                rec.update(hook.after_step(step))
+        else:
+            rec.update(self.guard.skipped(step, sums.losses, grad_norm, self.engine, self._ds_applied, self.model))
+            for hook in self.hooks:
+                hook.skipped_step(step)
+        rec["skipped_steps"] = self.guard.total
+        rec.update({f"loss/{n}": v for n, v in sums.losses.items()})
         rec.update({f"probe/{n}": v for n, v in plan.probed.items()})
         rec.update({f"schedule/{k}": v for k, v in plan.info.items()})
-        rec.update(metrics)
+        rec.update(sums.metrics)
         rec.update({f"epoch/{n}": r.stream.epoch for n, r in self.runs.items()})
-        for hook in self.hooks:
-            rec.update(hook.after_step(step))
         return rec
 
     def draw(self, plan: StepPlan) -> dict[str, list[dict]]:
@@ -214,26 +221,26 @@ class Trainer:
             self.engine.backward(out.losses.sum() * scale)
         return out
 
-    def optimizer_step(self) -> tuple[float, float]:
-        """Clip, optimizer step, LR step; the gradient norm before clipping and the step's LR."""
+    def optimizer_step(self, losses: dict[str, float]) -> tuple[float | None, float, bool]:
+        """Clip, then the optimizer and LR steps if the step's global ``losses`` and gradient norm are
+        finite (the same decision on every rank); gradients are dropped either way. Returns the
+        gradient norm before clipping, the step's LR and whether the step counts (not skipped).
+        DeepSpeed steps inside the last backward: ``_ds_applied`` says whether it changed the weights."""
         grad_norm = self.engine.clip_grad_norm(self.model, self.cfg.optim.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, lr
+        finite = self.guard.finite(losses, grad_norm)
+        self._ds_applied = self.engine.optimizer_step(self.optimizer, apply=finite)
+        if self._ds_applied:
+            self.scheduler.step()
+        return grad_norm, lr, finite
 
     # ------------------------------------------------------------------ no-grad losses
-    @torch.no_grad()
-    def _no_grad_outputs(self, name: str, batches, filler: dict | None = None, pad: int = 0) -> list[ObjectiveOutput]:
-        """Objective ``name``'s outputs on ``batches`` without gradients. Sharded engines gather
-        parameters inside every forward, so a rank with fewer batches runs ``pad`` forwards of a
-        filler batch whose output is not returned."""
+    def _no_grad_outputs(self, name: str, batches, filler: dict | None = None) -> list[ObjectiveOutput]:
+        """Objective ``name``'s measure on this rank's ``batches``, without gradients, the model in eval
+        mode. Ranks may hold different numbers of batches: the engine keeps every rank's forwards in
+        step (``Engine.no_grad_forwards``; ``filler`` is run uncounted where a rank needs one)."""
         objective = self.runs[name].objective
-        outs = [objective.measure(self.model, self.engine.to_device(b)) for b in batches]
-        for _ in range(pad):
-            objective.measure(self.model, self.engine.to_device(filler))  # type: ignore[arg-type]
-        return outs
+        return self.engine.no_grad_forwards(self.model, objective.measure, batches, filler=filler, stage=name)
 
     def _global_loss(self, outs: list[ObjectiveOutput]) -> float:
         s = torch.zeros(2, dtype=torch.float64)
@@ -249,48 +256,37 @@ class Trainer:
 
     def probe(self, names: list[str]) -> dict[str, float]:
         """No-grad loss of each named objective on one fresh step's worth of its batches."""
-        self.model.eval()
-        try:
+        with self.engine.stage("probe"):
             return {n: self._global_loss(self._no_grad_outputs(n, self._step_batches(n))) for n in names}
-        finally:
-            self.model.train()
 
     def measure_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(row_ids, per-row mean losses)`` of objective ``name``'s next step's batches on this rank,
         without gradients (for hooks: the selector when the lower objective did not run)."""
-        self.model.eval()
-        try:
-            batches = self._step_batches(name)
+        batches = self._step_batches(name)
+        with self.engine.stage("measure"):
             outs = self._no_grad_outputs(name, batches)
-        finally:
-            self.model.train()
         ids = torch.cat([b["row_ids"] for b in batches])
         return ids, torch.cat([(o.losses / o.units.clamp(min=1.0)).detach().double().cpu() for o in outs])
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss of every objective that has eval data (global over ranks)."""
-        self.model.eval()
-        try:
-            result = {}
+        result = {}
+        with self.engine.stage(f"eval at step {self.step}"):
             for n, r in self.runs.items():
                 if not r.eval:
                     continue
                 mbs = self.cfg.train.eval_batch_size or r.cfg.micro_batch_size
                 collate = r.objective.collate(self.tokenizer.pad_token_id)
                 batches = list(eval_batches(r.eval, mbs, collate, self.engine.rank, self.engine.world_size))
-                pad = 0
-                if self.engine.lockstep_forwards:  # rank 0 holds the most rows: ceil(N / W)
-                    pad = math.ceil(math.ceil(len(r.eval) / self.engine.world_size) / mbs) - len(batches)
+                # a rank may hold no eval rows at all: its uncounted filler forwards need a batch
                 filler = batches[0] if batches else collate([r.eval[0]])
-                result[n] = self._global_loss(self._no_grad_outputs(n, batches, filler, pad))
-            return result
-        finally:
-            self.model.train()
+                result[n] = self._global_loss(self._no_grad_outputs(n, batches, filler))
+        return result
 
     # ------------------------------------------------------------------ checkpoints and evaluation
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.out, self.step, self.engine, self.model, self.optimizer,
-                                    self.scheduler, self.trainer_state(), self.cfg.train.keep_last)
+                                    self.scheduler, self.trainer_state(), self.cfg.train.keep_last, self.settings())
 
     def _should_stop(self, ev: dict[str, float]) -> str | None:
         """The seeds' early stopping, on held-out losses: near the ideal point, or past a reference front."""
@@ -320,38 +316,11 @@ class Trainer:
                 self.engine.print(f"[early stop] step {self.step}: {self.stopped_early}")
 
     # ------------------------------------------------------------------ the loop
-    def save(self) -> Path:
-        return ckpt.save_checkpoint(self.out, self.step, self.engine, self.model, self.optimizer,
-                                    self.scheduler, self.trainer_state(), self.cfg.train.keep_last)
-
-    def _should_stop(self, ev: dict[str, float]) -> str | None:
-        """The seeds' early stopping, on held-out losses: near the ideal point, or past a reference front."""
-        t = self.cfg.train
-        objs = self.cfg.objectives
-        if len(ev) < len(objs):
-            return None
-        f = [ev[o.name] for o in objs]
-        if t.early_stop_eps is not None:
-            gaps = [o.weight * (fi - o.optimum) for o, fi in zip(objs, f)]  # type: ignore[operator]
-            if max(gaps) <= t.early_stop_eps:
-                return f"every weighted gap to the optimum is <= {t.early_stop_eps} ({gaps})"
-        for p in t.ref_pareto:
-            if all(a <= b for a, b in zip(f, p)) and any(a < b for a, b in zip(f, p)):
-                return f"held-out losses {f} dominate the reference point {p}"
-        return None
-
-    def _log_eval(self, result: RunResult) -> None:
-        ev = self.evaluate()
-        if ev:
-            rec = {"kind": "eval", "step": self.step, **{f"eval/{n}": v for n, v in ev.items()}}
-            self.metrics.write(rec)
-            result.eval_history.append({"step": self.step, **ev})
-            self.engine.print("[eval] step %d: %s" % (self.step, ", ".join(f"{n}={v:.4f}" for n, v in ev.items())))
-            self.stopped_early = self._should_stop(ev)
-            if self.stopped_early:
-                self.engine.print(f"[early stop] step {self.step}: {self.stopped_early}")
-
     def train(self) -> RunResult:
+        with preempt.handling(self.signals):  # train.save_on_signals: checkpoint, then exit
+            return self._train()
+
+    def _train(self) -> RunResult:
         t = self.cfg.train
         result = RunResult(self.out, self.max_steps, self.out / "final")
         bar = None
@@ -359,11 +328,14 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        if self.step == 0 and t.eval_steps:
+        # Also after resuming at an eval step: a preempted run stopped before that evaluation ...
+        if t.eval_steps and self.step % t.eval_steps == 0:
             self._log_eval(result)
-        while self.step < self.max_steps:
+        # ... and if it stops the run early, the resumed run stops as the uninterrupted one did.
+        while self.step < self.max_steps and not (self.step and self.stopped_early):
             t0 = time.perf_counter()
-            rec = self.train_step(self.step)
+            with self.engine.stage(f"train step {self.step + 1}"):  # names a hang or a dead rank
+                rec = self.train_step(self.step)
             dt = time.perf_counter() - t0
             self.step += 1
             self.elapsed += dt
@@ -378,6 +350,10 @@ class Trainer:
                 if self.step % max(1, t.logging_steps) == 0:
                     bar.set_postfix({**{k[5:]: f"{v:.4f}" for k, v in rec.items() if k.startswith("loss/")},
                                      "tok/s": f"{rec['tokens_per_s']:.0f}"})
+            if self.signals.stop:  # a signal reached some rank: checkpoint this step, exit (code 75)
+                if bar is not None:
+                    bar.close()
+                preempt.save_and_stop(self, self.signals.received)
             if t.eval_steps and self.step % t.eval_steps == 0:
                 self._log_eval(result)
                 if self.stopped_early:

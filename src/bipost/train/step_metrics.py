@@ -2,15 +2,31 @@
 
 A ``.cpu()`` or ``float()`` per micro-batch would stall the host on every forward (measured as a
 fixed per-step cost on GPU), so each objective's loss sum and every metric's ``(sum, count)`` stay
-device tensors; :meth:`StepMetrics.reduce` packs them into one tensor, all-reduces it once and
-unpacks it by name.
+device tensors; :meth:`StepMetrics.reduce` packs them, the tokens and the step's flags (e.g. "a
+preemption signal arrived on this rank") into one tensor, all-reduces it once and unpacks it by name.
+It runs before the optimizer step, so the step can be skipped when a global loss is not finite.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from bipost.objectives import ObjectiveOutput
+
+
+@dataclass
+class StepSums:
+    """A step's sums over every rank."""
+
+    losses: dict[str, float]
+    """Objective -> its loss sum over its global units."""
+    metrics: dict[str, float]
+    """``<objective>/<metric>`` -> its mean over the step's examples."""
+    tokens: int
+    flags: dict[str, float]
+    """Each flag summed over ranks."""
 
 
 class StepMetrics:
@@ -22,6 +38,8 @@ class StepMetrics:
         """``<objective>/<metric>`` -> ``[sum, count]`` over the step's examples (float64)."""
         self.tokens = 0
         """Tokens the step processed on this rank (attention-mask ones)."""
+        self.flags: dict[str, float] = {}
+        """Per-rank numbers every rank sets (the same names everywhere), summed over ranks."""
 
     def add(self, name: str, out: ObjectiveOutput) -> None:
         """One micro-batch's output of objective ``name``."""
@@ -33,18 +51,20 @@ class StepMetrics:
                                 torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device)]).to(self.device)
             self.metrics[key] = self.metrics[key] + pair if key in self.metrics else pair
 
-    def reduce(self, engine, units: dict[str, float]) -> tuple[dict[str, float], dict[str, float], int]:
-        """``(losses, metrics, tokens)`` over every rank (one all-reduce; every rank calls it with the
-        same objectives and metric names): each objective's loss sum over its global ``units``, each
-        metric's mean over the step's examples, the tokens processed."""
-        names, keys = list(self.loss), sorted(self.metrics)
+    def reduce(self, engine, units: dict[str, float]) -> StepSums:
+        """The sums over every rank (one all-reduce; every rank calls it with the same objectives,
+        metric and flag names); each objective's loss is divided by its global ``units``."""
+        names, keys, flags = list(self.loss), sorted(self.metrics), sorted(self.flags)
         parts = [torch.stack([self.loss[n].to(self.device) for n in names]) if names
                  else torch.zeros(0, dtype=torch.float64, device=self.device),
-                 torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.device)]
+                 torch.tensor([float(self.tokens)] + [self.flags[f] for f in flags], dtype=torch.float64,
+                              device=self.device)]
         parts += [self.metrics[k] for k in keys]
         flat = engine.all_reduce_sum(torch.cat(parts)).cpu()
         losses = {n: float(flat[i] / max(units[n], 1.0)) for i, n in enumerate(names)}
-        tokens = int(flat[len(names)])
-        pairs = flat[len(names) + 1:].view(-1, 2)
+        at = len(names)
+        tokens = int(flat[at])
+        summed = {f: float(flat[at + 1 + j]) for j, f in enumerate(flags)}
+        pairs = flat[at + 1 + len(flags):].view(-1, 2)
         metrics = {k: float(s / max(float(c), 1.0)) for k, (s, c) in zip(keys, pairs)}
-        return losses, metrics, tokens
+        return StepSums(losses, metrics, tokens, summed)
