@@ -466,6 +466,16 @@ class Engine(ModelAccess):
             return values
         return self.acc.reduce(values, reduction="sum")
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` on one rank)."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         self.acc.wait_for_everyone()
 

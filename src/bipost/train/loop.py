@@ -86,22 +86,26 @@ class Trainer:
         self.tokens = 0
         self.elapsed = 0.0
         self.stopped_early: str | None = None
+        self._tracker_ids: dict = {}
+        """The trackers' run ids of the resumed run (they continue the same runs)."""
         for hook in self.hooks:
             hook.bind(self.hook_context())
         if cfg.train.resume:
             self._resume()
-        self.metrics = MetricsWriter(self.out, cfg.train.report_to, dataclasses.asdict(cfg),
-                                     enabled=self.engine.is_main, wandb_project=cfg.train.wandb_project)
+        self.metrics = MetricsWriter.for_run(cfg, enabled=self.engine.is_main, run_ids=self._tracker_ids)
 
     def hook_context(self) -> HookContext:
         per_pass = steps_per_pass(self.runs)
         return HookContext(
             output_dir=self.out, max_steps=self.max_steps, comm=self.engine,
-            objectives={n: ObjectiveView(r.cfg, r.train, r.data.summary.rows_read, per_pass[n])
+            objectives={n: ObjectiveView(r.cfg, r.train, r.data.summary.rows_read, per_pass[n], r.eval,
+                                         r.data.examples.name)
                         for n, r in self.runs.items()},
             measure=self.measure_rows, upper_weight=self.schedule.upper_weight,
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
             save_model=lambda folder: ckpt.save_model(self.engine, self.model, folder, tokenizer=self.tokenizer),
+            model=self.model, tokenizer=self.tokenizer,
+            log_table=lambda key, rows, step: self.metrics.table(key, rows, step),
         )
 
     # ------------------------------------------------------------------ setup helpers
@@ -134,6 +138,7 @@ class Trainer:
         for name, s in state.get("objectives", {}).items():
             self.runs[name].objective.load_state_dict(s)
         self.schedule.load_state_dict(state["schedule"])
+        self._tracker_ids = state.get("trackers", {})
         for hook, hs in zip(self.hooks, state.get("hooks", [])):
             hook.load_state_dict(hs)
         self.engine.print(f"[resume] from {path} (step {self.step})")
@@ -147,6 +152,7 @@ class Trainer:
             "objectives": {n: r.objective.state_dict() for n, r in self.runs.items()},
             "schedule": self.schedule.state_dict(),
             "hooks": [h.state_dict() for h in self.hooks],
+            "trackers": self.metrics.run_ids(),
         }
 
     # ------------------------------------------------------------------ one step
@@ -311,46 +317,20 @@ class Trainer:
     def _log_eval(self, result: RunResult) -> None:
         ev = self.evaluate()
         if ev:
-            rec = {"kind": "eval", "step": self.step, **{f"eval/{n}": v for n, v in ev.items()}}
-            self.metrics.write(rec)
-            result.eval_history.append({"step": self.step, **ev})
-            self.engine.print("[eval] step %d: %s" % (self.step, ", ".join(f"{n}={v:.4f}" for n, v in ev.items())))
             self.stopped_early = self._should_stop(ev)
+        # The hooks' measures of the same model (benchmarks, generations); every rank calls them.
+        final = self.stopped_early is not None or self.step >= self.max_steps
+        extra = {k: v for hook in self.hooks for k, v in hook.evaluate(self.step, final).items()}
+        if ev or extra:
+            rec = {"kind": "eval", "step": self.step, **{f"eval/{n}": v for n, v in ev.items()}, **extra}
+            self.metrics.write(rec)
+            result.eval_history.append({"step": self.step, **ev, **extra})
+            self.engine.print("[eval] step %d: %s" % (self.step, ", ".join(f"{n}={v:.4f}" for n, v in
+                                                                          {**ev, **extra}.items())))
             if self.stopped_early:
                 self.engine.print(f"[early stop] step {self.step}: {self.stopped_early}")
 
     # ------------------------------------------------------------------ the loop
-    def save(self) -> Path:
-        return ckpt.save_checkpoint(self.out, self.step, self.engine, self.model, self.optimizer,
-                                    self.scheduler, self.trainer_state(), self.cfg.train.keep_last)
-
-    def _should_stop(self, ev: dict[str, float]) -> str | None:
-        """The seeds' early stopping, on held-out losses: near the ideal point, or past a reference front."""
-        t = self.cfg.train
-        objs = self.cfg.objectives
-        if len(ev) < len(objs):
-            return None
-        f = [ev[o.name] for o in objs]
-        if t.early_stop_eps is not None:
-            gaps = [o.weight * (fi - o.optimum) for o, fi in zip(objs, f)]  # type: ignore[operator]
-            if max(gaps) <= t.early_stop_eps:
-                return f"every weighted gap to the optimum is <= {t.early_stop_eps} ({gaps})"
-        for p in t.ref_pareto:
-            if all(a <= b for a, b in zip(f, p)) and any(a < b for a, b in zip(f, p)):
-                return f"held-out losses {f} dominate the reference point {p}"
-        return None
-
-    def _log_eval(self, result: RunResult) -> None:
-        ev = self.evaluate()
-        if ev:
-            rec = {"kind": "eval", "step": self.step, **{f"eval/{n}": v for n, v in ev.items()}}
-            self.metrics.write(rec)
-            result.eval_history.append({"step": self.step, **ev})
-            self.engine.print("[eval] step %d: %s" % (self.step, ", ".join(f"{n}={v:.4f}" for n, v in ev.items())))
-            self.stopped_early = self._should_stop(ev)
-            if self.stopped_early:
-                self.engine.print(f"[early stop] step {self.step}: {self.stopped_early}")
-
     def train(self) -> RunResult:
         t = self.cfg.train
         result = RunResult(self.out, self.max_steps, self.out / "final")
