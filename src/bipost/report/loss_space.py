@@ -90,7 +90,7 @@ def plot_trajectories(trajectories: Mapping[str, Sequence[Mapping[str, float]]],
                                 arrowprops=dict(arrowstyle="-", color=color, lw=0.8))
             ax.scatter([xs[-1]], [ys[-1]], s=110, color=color, edgecolor="black", zorder=5,
                        label=(labels or {}).get(method, method))
-            if not start_drawn:
+            if not start_drawn and len(pts) > 1:  # a single evaluation has no path to start
                 ax.scatter([xs[0]], [ys[0]], s=90, facecolor="white", edgecolor="black", zorder=5,
                            label="start")
                 start_drawn = True

@@ -46,8 +46,12 @@ def measure_keys(finals: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def measure_label(key: str) -> str:
-    """``bench/mmlu/acc`` -> ``mmlu acc``; ``gen/dpo/win_rate`` -> ``dpo win rate``."""
-    return key.split("/", 1)[-1].replace("/", " ").replace("_", " ") if "/" in key else key
+    """``bench/arc_easy/acc_norm`` -> ``arc_easy acc norm``; ``gen/dpo/win_rate`` -> ``dpo win rate``
+    (the task or objective name as it is)."""
+    parts = key.split("/")[1:]
+    if not parts:
+        return key
+    return " ".join([parts[0], *(p.replace("_", " ") for p in parts[1:])])
 
 
 def comparison_rows(results: Sequence["MethodResult"], names: Sequence[str],
