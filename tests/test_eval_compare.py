@@ -74,3 +74,16 @@ def test_compare_reports_generation_measures_and_plots_a_pair(tmp_path, capsys):
     assert "no plot of bench/mmlu/acc, gen/dpo/win_rate: bench/mmlu/acc was not measured" in capsys.readouterr().out
     assert not (tmp_path / "other" / "measures.png").exists()
     assert main(["compare", *base, "--measures", "only_one", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_default_pair_plots_different_things():
+    """A benchmark against a win rate (the papers' MMLU vs win rate), else against another
+    objective's measure; never two metrics of one objective when another exists."""
+    from bipost.report.compare import default_pair
+
+    assert default_pair(["bench/mmlu/acc", "bench/arc/acc", "gen/sft/exact_match", "gen/dpo/win_rate"]) == \
+        ["bench/mmlu/acc", "gen/dpo/win_rate"]
+    assert default_pair(["gen/sft/exact_match", "gen/sft/f1", "gen/dpo/exact_match", "gen/dpo/f1"]) == \
+        ["gen/sft/exact_match", "gen/dpo/exact_match"]
+    assert default_pair(["gen/sft/exact_match", "gen/sft/f1"]) == ["gen/sft/exact_match", "gen/sft/f1"]
+    assert default_pair(["bench/mmlu/acc"]) is None

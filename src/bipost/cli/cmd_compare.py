@@ -14,7 +14,8 @@ OUT/compare.md and OUT/compare.json. The ideal point is objectives.N.optimum whe
 measures the others by training each objective alone on the same budget (OUT/ideal-<name>/).
 With an eval section (eval.generate, eval.benchmarks) the table also holds each method's exact
 match, F1, win rate and benchmark scores at its last evaluation, and OUT/measures.png plots two of
-them per method (--measures, default the first two measured)."""
+them per method (--measures; default: the first measure, e.g. a benchmark, against a win rate or
+another objective's measure)."""
 
 SWEEP_EPILOG = """\
 For each lambda (the weight of the first objective; the second gets 1 - lambda) every method is
@@ -82,7 +83,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="measure the ideal point: train each objective alone on the same budget")
     p.add_argument("--measures", default=None, metavar="A,B",
                    help="two measures to plot per method, e.g. bench/mmlu/acc,gen/dpo/win_rate "
-                        "(default: the first two the eval section measured)")
+                        "(default: the first measure against a win rate or another objective's measure)")
 
 
 def register(sub) -> None:

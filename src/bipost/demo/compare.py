@@ -52,9 +52,9 @@ def run_compare_demo(out: str | Path, start_model: str | Path, quick: bool = Fal
     print(f"[demo] compare: SFT teaches 'copy: a b c' -> 'a b c' while DPO prefers 'c b a' on the same prompts; "
           f"sequential, mix, alright and maxright get {steps} steps each" +
           ("" if quick else ", then each objective is trained alone for the ideal point"), flush=True)
-    result = run_compare(cfg, out, ideal=not quick)
+    names = [o.name for o in cfg.objectives]
+    result = run_compare(cfg, out, ideal=not quick, measures=[f"gen/{n}/exact_match" for n in names])
     rows = {r["method"]: r for r in result.rows}
-    names = result.names
     for m, r in rows.items():
         dist = r["distance_to_ideal"]
         print(f"[demo]   {m:<10} final {names[0]} {r[f'f_{names[0]}']:.3f}, {names[1]} {r[f'f_{names[1]}']:.3f}"

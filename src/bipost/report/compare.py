@@ -180,13 +180,25 @@ def check_measures(measures: Sequence[str] | None) -> list[str] | None:
     return list(measures)
 
 
+def default_pair(measures: Sequence[str]) -> list[str] | None:
+    """Two measures of different things: the first measure (a benchmark when there is one), against
+    a win rate of another objective when there is one, else the first measure of another benchmark or
+    objective (e.g. MMLU against DPO's win rate; SFT's exact match against DPO's)."""
+    if len(measures) < 2:
+        return None
+    first = measures[0]
+    other = [m for m in measures if m.split("/")[1] != first.split("/")[1]]
+    wins = [m for m in other if m.endswith("/win_rate")]
+    return [first, (wins or other or list(measures[1:]))[0]]
+
+
 def measure_pair(results: Sequence[MethodResult], chosen: Sequence[str] | None) -> list[str] | None:
     """The two measures to plot: ``chosen`` when every one was measured (else None, with a
-    warning), otherwise the first two the runs measured (None when fewer than two)."""
+    warning), otherwise :func:`default_pair` of what the runs measured."""
     finals = [r.final for r in results]
     available = measure_keys(finals)
     if not chosen:
-        return available[:2] if len(available) >= 2 else None
+        return default_pair(available)
     missing = [m for m in chosen if not any(m in f for f in finals)]
     if missing:
         _say(f"[compare] no plot of {', '.join(chosen)}: {', '.join(missing)} was not measured "
@@ -218,8 +230,8 @@ class Comparison:
 def run_compare(cfg: RunConfig, out: str | Path, methods: Sequence[str] | None = None,
                 ideal: bool = False, measures: Sequence[str] | None = None) -> Comparison:
     """Train every method on ``cfg`` with one budget; write ``loss_space.png``, ``compare.md`` and
-    ``compare.json`` into ``out``, and ``measures.png`` (``measures``: the pair to plot; default the
-    first two measured)."""
+    ``compare.json`` into ``out``, and ``measures.png`` (``measures``: the pair to plot; default
+    :func:`default_pair`)."""
     check_comparable(cfg)
     measures = check_measures(measures)
     chosen = _methods(methods)
