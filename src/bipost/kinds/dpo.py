@@ -13,7 +13,7 @@ from bipost.example_cache import ExampleCache, cache_meta, compute_rows, load_or
 from bipost.kinds.base import BuildContext, Objective
 from bipost.models import as_reference, is_peft, resolve_dtype
 from bipost.objectives import dpo_loss
-from bipost.objectives.dpo import DPOLoss
+from bipost.objectives.dpo import check_dpo_args
 
 
 @dataclass
@@ -23,9 +23,9 @@ class DPOConfig(ObjectiveConfig):
     beta: float = 0.1
     """Inverse temperature of the implicit reward."""
     loss_type: str = "sigmoid"
-    """sigmoid (DPO) | ipo."""
+    """sigmoid (DPO) | ipo | hinge | robust | apo_zero | apo_down (docs/methods.md)."""
     label_smoothing: float = 0.0
-    """Conservative DPO label smoothing epsilon in [0, 0.5) (sigmoid only)."""
+    """Label noise epsilon in [0, 0.5): conservative DPO for sigmoid, the flip rate for robust (other losses: 0)."""
     nll_coef: float = 0.0
     """Coefficient of an extra NLL term on the chosen response (token mean per pair)."""
     reference: Optional[str] = None
@@ -34,16 +34,11 @@ class DPOConfig(ObjectiveConfig):
     """Compute the reference log-probs once before training and cache them on disk (keyed by the data, reference model, tokenizer and max_len; a stale cache is rebuilt). No reference model is kept in memory while training."""
 
     def check(self, where: str) -> None:
-        if not self.beta > 0:
-            raise ConfigError(f"{where}.beta must be > 0")
-        if self.loss_type not in [t.value for t in DPOLoss]:
-            raise ConfigError(f"{where}.loss_type must be one of {', '.join(t.value for t in DPOLoss)}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"{where}.label_smoothing must be in [0, 0.5)")
-        if self.loss_type == "ipo" and self.label_smoothing:
-            raise ConfigError(f"{where}.label_smoothing applies to the sigmoid loss only; set it to 0 for ipo")
-        if self.nll_coef < 0:
-            raise ConfigError(f"{where}.nll_coef must be >= 0")
+        try:
+            check_dpo_args(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                           nll_coef=self.nll_coef)
+        except ValueError as e:
+            raise ConfigError(f"{where}.{e}") from None
 
 
 def _content(e) -> tuple:

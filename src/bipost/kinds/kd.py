@@ -14,7 +14,7 @@ from bipost.kinds.base import BuildContext, Objective
 from bipost.modeling.forward import Positions, positions
 from bipost.models import resolve_dtype
 from bipost.objectives.chunked import chunked_kd_loss, chunked_topk_kd_loss, teacher_topk
-from bipost.objectives.kd import KD_KINDS
+from bipost.objectives.kd import check_kd_args
 
 
 @dataclass
@@ -37,12 +37,10 @@ class KDConfig(ObjectiveConfig):
     def check(self, where: str) -> None:
         if not self.teacher:
             raise ConfigError(f"{where}.teacher is required for kd (a model sharing the policy's tokenizer)")
-        if self.kd_loss not in KD_KINDS:
-            raise ConfigError(f"{where}.kd_loss must be {', '.join(KD_KINDS[:-1])} or {KD_KINDS[-1]}")
-        if not self.temperature > 0:
-            raise ConfigError(f"{where}.temperature must be > 0")
-        if not 0 < self.jsd_beta < 1:
-            raise ConfigError(f"{where}.jsd_beta must be in (0, 1)")
+        try:
+            check_kd_args(kind=self.kd_loss, temperature=self.temperature, jsd_beta=self.jsd_beta)
+        except ValueError as e:
+            raise ConfigError(f"{where}.{e}") from None
         if self.kd_topk < 0:
             raise ConfigError(f"{where}.kd_topk must be >= 0")
         if self.kd_topk and self.kd_loss != "forward":

@@ -64,6 +64,25 @@ _SMOOTHED = (DPOLoss.SIGMOID, DPOLoss.ROBUST)
 """The loss types that read ``label_smoothing`` (cDPO's eps, robust DPO's flip rate)."""
 
 
+def check_dpo_args(*, beta: float, loss_type: str | DPOLoss, label_smoothing: float, nll_coef: float) -> DPOLoss:
+    """The one check of the DPO family's settings (the loss and the ``dpo`` kind's config use it):
+    the loss type, or a ``ValueError`` whose message starts with the offending field's name."""
+    try:
+        kind = DPOLoss(loss_type)
+    except ValueError:
+        known = ", ".join(k.value for k in DPOLoss)
+        raise ValueError(f"loss_type must be one of {known}, not {loss_type!r}") from None
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if kind not in _SMOOTHED and label_smoothing != 0.0:
+        raise ValueError(f"label_smoothing applies to the sigmoid and robust losses only; set it to 0 for {kind.value}")
+    if nll_coef < 0:
+        raise ValueError(f"nll_coef must be >= 0, got {nll_coef}")
+    return kind
+
+
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -97,22 +116,7 @@ def dpo_loss(
         beta * (pi_r - ref_r)``, ``margin`` (their difference), ``accuracy``
         (``reward_chosen > reward_rejected``), ``logps_chosen``, ``logps_rejected``.
     """
-    try:
-        kind = DPOLoss(loss_type)
-    except ValueError:
-        known = ", ".join(repr(k.value) for k in DPOLoss)
-        msg = f"unknown DPO loss_type {loss_type!r}; expected one of {known}"
-        raise ValueError(msg) from None
-    if not beta > 0:
-        raise ValueError(f"DPO beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"DPO label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if kind not in _SMOOTHED and label_smoothing != 0.0:
-        msg = (f"label_smoothing applies to the sigmoid and robust losses only; "
-               f"set it to 0 for {kind.value}")
-        raise ValueError(msg)
-    if nll_coef < 0:
-        raise ValueError(f"DPO nll_coef must be >= 0, got {nll_coef}")
+    kind = check_dpo_args(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, nll_coef=nll_coef)
     if nll_coef > 0 and chosen_nll is None:
         raise ValueError("nll_coef > 0 requires chosen_nll (mean NLL of the chosen response)")
     shape = policy_chosen_logps.shape

@@ -74,6 +74,17 @@ def _masked_log_softmax(
     return torch.log_softmax(logits, dim=-1)
 
 
+def check_kd_args(*, kind: str, temperature: float, jsd_beta: float) -> None:
+    """The one check of the KD settings (the loss and the ``kd`` kind's config use it): a
+    ``ValueError`` whose message starts with the offending field's name."""
+    if kind not in KD_KINDS:
+        raise ValueError(f"kd_loss must be one of {', '.join(KD_KINDS)}, not {kind!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 < jsd_beta < 1.0:
+        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -97,13 +108,7 @@ def kd_loss(
         ``ObjectiveOutput`` with ``losses`` ``[B]``, ``units`` ``[B]`` (mask counts, float),
         metrics ``kd`` ``[B]`` and, for ``forward``, ``kl`` ``[B]``.
     """
-    if kind not in KD_KINDS:
-        known = ", ".join(map(repr, KD_KINDS))
-        raise ValueError(f"unknown KD kind {kind!r}; expected one of {known}")
-    if not temperature > 0:
-        raise ValueError(f"KD temperature must be > 0, got {temperature}")
-    if kind == "jsd" and not 0.0 < jsd_beta < 1.0:
-        raise ValueError(f"KD jsd_beta must be in (0, 1), got {jsd_beta}")
+    check_kd_args(kind=kind, temperature=temperature, jsd_beta=jsd_beta)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
