@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import math
 import numbers
 from pathlib import Path
@@ -30,8 +29,6 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from bipost.config import BenchmarkConfig
-
-log = logging.getLogger("bipost")
 
 
 def _lm_eval():

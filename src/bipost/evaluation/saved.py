@@ -16,7 +16,6 @@ on the GPU when there is one.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,6 @@ from typing import Any
 import torch
 
 from bipost.config import ConfigError, RunConfig
-
-log = logging.getLogger("bipost")
 
 
 @dataclass
