@@ -16,3 +16,7 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
         assert (out / run / "metrics.jsonl").stat().st_size > 0
     assert (out / "compare" / "loss_space.png").exists()
     assert (out / "compare" / "compare.md").exists()
+    # each method's task accuracy: exact match of its generations on both objectives' held-out prompts
+    assert "copy accuracy" in printed and "reverse accuracy" in printed
+    assert (out / "compare" / "measures.png").exists()
+    assert "sft_copy exact match" in (out / "compare" / "compare.md").read_text()

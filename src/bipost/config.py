@@ -193,9 +193,13 @@ class TrainConfig:
     logging_steps: int = 1
     """Print / log metrics every this many steps."""
     report_to: list[str] = field(default_factory=list)
-    """Extra metric sinks: tensorboard, wandb (metrics.jsonl is always written)."""
+    """Extra metric sinks: tensorboard, wandb, mlflow, trackio (metrics.jsonl is always written). A resumed run continues the same wandb / mlflow / trackio run (their ids are kept in the checkpoint)."""
     wandb_project: str = "bipost"
-    """wandb project name."""
+    """Project name in wandb and trackio; experiment name in mlflow."""
+    run_name: Optional[str] = None
+    """Run name in the trackers; unset: wandb's own (``WANDB_NAME`` or a generated one), the output folder's name in mlflow and trackio."""
+    mlflow_tracking_uri: Optional[str] = None
+    """mlflow tracking server or store (``http://...``, ``file:/path``, ``sqlite:///...``); unset: ``MLFLOW_TRACKING_URI``, else mlflow's default."""
     progress: bool = True
     """Show a progress bar."""
     early_stop_eps: Optional[float] = None
@@ -276,6 +280,80 @@ class SelectorConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """One lm-evaluation-harness task (``pip install 'bipost[eval]'``)."""
+
+    task: str = ""
+    """A task, group or tag name of lm-evaluation-harness (``mmlu``, ``arc_easy``, ``hellaswag``, ``gsm8k``, ...) or the path of a task YAML file; a YAML with local data (``dataset_path: json``, ``dataset_kwargs: {data_files: ...}``) runs offline."""
+    num_fewshot: Optional[int] = None
+    """Few-shot examples per prompt; unset: the task's own default (0 when it has none)."""
+    limit: Optional[float] = None
+    """Evaluate at most this many documents of each task (a value < 1: that fraction of them); unset: all."""
+
+
+@dataclass
+class JudgeConfig:
+    """What decides whether the policy's response beats the data's chosen one (win rate): a reward model or a reward function. Both responses to a prompt are scored; the higher score wins, a tie counts half."""
+
+    model: Optional[str] = None
+    """A reward model: any sequence-classification model with one output (local directory or hub name), scoring prompt + response (``bipost.rewards.RewardModel``)."""
+    function: Optional[str] = None
+    """A reward function instead: a built-in name or ``module:function`` with TRL's signature ``f(prompts, completions) -> list[float]`` (``bipost.rewards``); it gets the prompt and response texts."""
+    batch_size: int = 8
+    """Texts per reward-model forward."""
+    max_length: Optional[int] = None
+    """Truncate the reward model's inputs to this many tokens (unset: no truncation)."""
+    dtype: str = "float32"
+    """Reward model weights dtype: float32 | bfloat16 | float16 | auto."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.model or self.function)
+
+
+@dataclass
+class EvalConfig:
+    """What users measure besides held-out losses: benchmark scores (lm-evaluation-harness) and metrics of each objective's generations on its held-out rows. Measured at the run's held-out evaluations (``train.eval_steps``; always at the last one) on the model being trained, and by ``bipost eval`` on a saved run or model. Scores go to metrics.jsonl and every tracker; per evaluation, ``<output_dir>/eval/step-NNNNNNNN/`` holds the samples and benchmark results."""
+
+    benchmarks: list[BenchmarkConfig] = field(default_factory=list)
+    """lm-evaluation-harness tasks (each with its own few-shot count and limit). Every rank runs every benchmark on the same documents (a sharded model's forwards are collectives); rank 0 records the scores, as ``bench/<task>/<metric>``."""
+    benchmark_steps: int = 0
+    """Run the benchmarks at the held-out evaluations whose step is a multiple of this (a multiple of train.eval_steps; step 0 included); 0: at the last evaluation only."""
+    benchmark_batch_size: int = 8
+    """Requests per benchmark forward."""
+    chat_template: bool = False
+    """Render benchmark prompts with the tokenizer's chat template (lm-eval's apply_chat_template, few-shot examples as turns)."""
+    generate: bool = False
+    """Generate a response for each held-out prompt of each objective and score it: exact match and token F1 against the reference response (sft, kd: ``gen/<objective>/exact_match``, ``/f1``) or the chosen response (preference data), and the win rate against the chosen response when a judge is set (``gen/<objective>/win_rate``)."""
+    objectives: list[str] = field(default_factory=list)
+    """Objectives whose generations are scored (names); empty: every objective with held-out data."""
+    generation_steps: int = 0
+    """Score generations at the held-out evaluations whose step is a multiple of this (a multiple of train.eval_steps; step 0 included); 0: at the last evaluation only."""
+    max_prompts: Optional[int] = None
+    """Generate for at most this many held-out rows per objective (the first ones); unset: all of them."""
+    max_new_tokens: int = 128
+    """Longest generated response in tokens (a response cut here is counted in ``gen/<objective>/truncated``)."""
+    batch_size: int = 16
+    """Prompts per ``generate`` call (batched, with the KV cache)."""
+    temperature: float = 0.0
+    """0: greedy decoding; > 0: sampling, seeded by ``seed`` at every evaluation (the samples then depend on the number of ranks, which split the prompts)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1] (sampling only)."""
+    top_k: int = 0
+    """Sample from the k most likely tokens (0: all; sampling only)."""
+    seed: int = 0
+    """Seed of the sampling generator (each rank adds its rank)."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """The win-rate judge for preference objectives (off unless ``judge.model`` or ``judge.function`` is set)."""
+    samples: bool = True
+    """Write every evaluation's generations (prompt, generation, reference, scores) to ``<objective>.samples.jsonl`` (and a wandb table when wandb is on)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.benchmarks) or self.generate
+
+
+@dataclass
 class RunConfig:
     """A bipost training run."""
 
@@ -293,3 +371,5 @@ class RunConfig:
     """Distribution engine."""
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     """Bilevel data selection (off unless enabled)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Benchmarks and generation metrics (off unless ``eval.benchmarks`` or ``eval.generate`` is set)."""

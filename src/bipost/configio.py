@@ -16,7 +16,7 @@ import yaml
 from bipost import config as C
 from bipost.config import ConfigError
 
-__all__ = ["ConfigError", "apply_override", "describe", "from_dict", "load_config", "validate"]
+__all__ = ["ConfigError", "apply_override", "describe", "from_dict", "load_config", "validate", "validate_eval"]
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -242,7 +242,7 @@ def validate(cfg: C.RunConfig) -> None:
     t.save_on_signals = [_signal_name(s) for s in t.save_on_signals]
     _check(t.prefetch >= 0, "train.prefetch must be >= 0")
     for sink in t.report_to:
-        _check(sink in ("tensorboard", "wandb"), f"train.report_to: unknown sink {sink!r} (tensorboard, wandb)")
+        _check(sink in SINKS, f"train.report_to: unknown sink {sink!r} ({', '.join(SINKS)})")
     for p in t.ref_pareto:
         _check(len(p) == len(cfg.objectives),
                f"train.ref_pareto: each point needs {len(cfg.objectives)} losses (one per objective), got {p}")
@@ -254,6 +254,49 @@ def validate(cfg: C.RunConfig) -> None:
     _check(d.zero_stage in (0, 1, 2, 3), "dist.zero_stage must be 0, 1, 2 or 3")
     _check(d.timeout > 0, "dist.timeout must be > 0 seconds")
     _check(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype: auto|float32|bfloat16|float16")
+    validate_eval(cfg)
+
+
+SINKS = ("tensorboard", "wandb", "mlflow", "trackio")
+"""Metric sinks ``train.report_to`` may name (``bipost.train.metrics``)."""
+
+
+def validate_eval(cfg: C.RunConfig) -> None:
+    """Benchmarks and generation metrics (``eval``)."""
+    e, every = cfg.eval, cfg.train.eval_steps
+    for key in ("benchmark_steps", "generation_steps"):
+        steps = getattr(e, key)
+        _check(steps >= 0, f"eval.{key} must be >= 0 (0: at the last evaluation only)")
+        if steps:
+            # They run at the loop's held-out evaluations, so they must fall on one.
+            _check(every > 0 and steps % every == 0,
+                   f"eval.{key}={steps} must be a multiple of train.eval_steps ({every}): they run at held-out "
+                   f"evaluations")
+    for i, b in enumerate(e.benchmarks):
+        _check(bool(b.task.strip()), f"eval.benchmarks.{i}.task is required (a task name or a task YAML path)")
+        _check(b.num_fewshot is None or b.num_fewshot >= 0, f"eval.benchmarks.{i}.num_fewshot must be >= 0")
+        _check(b.limit is None or b.limit > 0, f"eval.benchmarks.{i}.limit must be > 0")
+    _check(e.benchmark_batch_size >= 1, "eval.benchmark_batch_size must be >= 1")
+    names = [o.name for o in cfg.objectives]
+    for name in e.objectives:
+        _check(name in names, f"eval.objectives: {name!r} is not an objective name ({names})")
+    _check(e.max_prompts is None or e.max_prompts >= 1, "eval.max_prompts must be >= 1 (or unset: all)")
+    _check(e.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1")
+    _check(e.batch_size >= 1, "eval.batch_size must be >= 1")
+    _check(e.temperature >= 0, "eval.temperature must be >= 0 (0: greedy)")
+    _check(0 < e.top_p <= 1, "eval.top_p must be in (0, 1]")
+    _check(e.top_k >= 0, "eval.top_k must be >= 0 (0: off)")
+    j = e.judge
+    _check(not (j.model and j.function), "eval.judge: set judge.model (a reward model) or judge.function, not both")
+    _check(not j.enabled or e.generate, "eval.judge scores generations: set eval.generate=true")
+    _check(j.batch_size >= 1, "eval.judge.batch_size must be >= 1")
+    _check(j.dtype in ("auto", "float32", "bfloat16", "float16"), "eval.judge.dtype: auto|float32|bfloat16|float16")
+    if j.function:
+        from bipost.rewards import BUILTINS
+
+        _check(j.function in BUILTINS or ":" in j.function,
+               f"eval.judge.function {j.function!r} is neither a built-in reward ({', '.join(BUILTINS)}) nor an "
+               f"import path 'module:function'")
 
 
 def _resume_mode(value) -> str:

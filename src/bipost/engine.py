@@ -619,8 +619,8 @@ class Engine(ModelAccess):
         return box[0]
 
     def gather_objects(self, obj: Any) -> list:
-        """Every rank's ``obj``, in rank order, on every rank (picklable objects; for rare paths such
-        as reporting a skipped step's rows)."""
+        """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` on one rank; for
+        rare paths: a skipped step's rows, evaluation samples)."""
         if self.world_size == 1:
             return [obj]
         import torch.distributed as tdist

@@ -1,5 +1,6 @@
 """Build and run a training run from its config: the trainer and the step hooks the config turns on
-(the bilevel data selector when ``selector.enabled``), so that ``bipost train``, both seed command
+(the bilevel data selector when ``selector.enabled``; benchmarks and generation metrics when
+``eval.benchmarks`` or ``eval.generate`` is set), so that ``bipost train``, both seed command
 lines and a resumed run all get the same hooks."""
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ def hooks_for(cfg: RunConfig) -> list[StepHook]:
         from bipost.selector import SelectorHook
 
         hooks.append(SelectorHook(cfg.selector))
+    if cfg.eval.enabled:
+        from bipost.evaluation import EvalHook
+
+        hooks.append(EvalHook(cfg.eval))
     return hooks
 
 

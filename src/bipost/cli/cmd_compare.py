@@ -11,18 +11,27 @@ steps (train.max_steps, else the epochs rule) in OUT/<method>/. Held-out losses 
 are measured every train.eval_steps (default: a tenth of the budget), so every objective needs
 eval data (objectives.N.data.eval_fraction or eval_split). Writes OUT/loss_space.png,
 OUT/compare.md and OUT/compare.json. The ideal point is objectives.N.optimum where given; --ideal
-measures the others by training each objective alone on the same budget (OUT/ideal-<name>/)."""
+measures the others by training each objective alone on the same budget (OUT/ideal-<name>/).
+With an eval section (eval.generate, eval.benchmarks) the table also holds each method's exact
+match, F1, win rate and benchmark scores at its last evaluation, and OUT/measures.png plots two of
+them per method (--measures; default: the first measure, e.g. a benchmark, against a win rate or
+another objective's measure)."""
 
 SWEEP_EPILOG = """\
 For each lambda (the weight of the first objective; the second gets 1 - lambda) every method is
 trained as in `bipost compare` (OUT/lambda-<lambda>/<method>/). Writes OUT/sweep.png (each
-method's front of final held-out losses, points labelled by lambda), OUT/sweep.md, OUT/sweep.json."""
+method's front of final held-out losses, points labelled by lambda), OUT/sweep.md, OUT/sweep.json,
+and with an eval section OUT/sweep_measures.png (the fronts in the plane of two measures)."""
 
 
 def _methods(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
     return [m.strip().lower() for v in values for m in v.split(",") if m.strip()]
+
+
+def _measures(value: str | None) -> list[str] | None:
+    return [m.strip() for m in value.split(",") if m.strip()] if value else None
 
 
 def _load(args):
@@ -42,11 +51,13 @@ def run_compare(args) -> int:
     from bipost.report.compare import is_main, run_compare as compare
 
     cfg, out = _load(args)
-    result = compare(cfg, out, _methods(args.methods), ideal=args.ideal)
+    result = compare(cfg, out, _methods(args.methods), ideal=args.ideal, measures=_measures(args.measures))
     if is_main():
         print(result.table_md.read_text(), flush=True)
         print(f"[compare] loss-space plot: {result.plot}\n[compare] table: {result.table_md} and {result.table_json}",
               flush=True)
+        if result.measures_plot:
+            print(f"[compare] measures plot: {result.measures_plot}", flush=True)
     return 0
 
 
@@ -54,7 +65,8 @@ def run_sweep(args) -> int:
     from bipost.report.compare import is_main, parse_lambdas, run_sweep as sweep
 
     cfg, out = _load(args)
-    result = sweep(cfg, parse_lambdas(args.lambdas), out, _methods(args.methods), ideal=args.ideal)
+    result = sweep(cfg, parse_lambdas(args.lambdas), out, _methods(args.methods), ideal=args.ideal,
+                   measures=_measures(args.measures))
     if is_main():
         print(result.table_md.read_text(), flush=True)
         print(f"[sweep] fronts: {result.plot}\n[sweep] table: {result.table_md} and {result.table_json}", flush=True)
@@ -69,6 +81,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output folder (default: <train.output_dir>/<command>)")
     p.add_argument("--ideal", action="store_true",
                    help="measure the ideal point: train each objective alone on the same budget")
+    p.add_argument("--measures", default=None, metavar="A,B",
+                   help="two measures to plot per method, e.g. bench/mmlu/acc,gen/dpo/win_rate "
+                        "(default: the first measure against a win rate or another objective's measure)")
 
 
 def register(sub) -> None:

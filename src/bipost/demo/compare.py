@@ -11,6 +11,11 @@ Training one objective undoes the other, so the sequential method (SFT then DPO)
 copy task in its second half, which the loss-space plot shows as a trajectory running back to
 the right. The methods that train both objectives end nearer the ideal point, which the
 comparison measures by training each objective alone on the same budget.
+
+Both tasks have checkable answers, so each method's last evaluation also generates (greedily) for
+every held-out prompt of both objectives (``eval.generate``): the *copy accuracy* is the exact
+match of the generations with the SFT reference, the *reverse accuracy* their exact match with
+DPO's chosen answer. On the same prompts the two cannot both be high; ``measures.png`` plots them.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ def compare_config(out: Path, start_model: str | Path, steps: int, overrides: tu
         *[f"objectives.{i}.data.{k}" for i in (0, 1) for k in ("eval_fraction=0.05", "max_len=64")],
         f"train.max_steps={steps}", "train.batch_size=16", "train.micro_batch_size=16",
         f"train.eval_steps={max(1, steps // 10)}", "train.progress=false", f"train.output_dir={out}",
-        "optim.lr=5e-4", *overrides,
+        "optim.lr=5e-4", "eval.generate=true", "eval.max_new_tokens=16", "eval.batch_size=80", *overrides,
     ])
 
 
@@ -47,15 +52,21 @@ def run_compare_demo(out: str | Path, start_model: str | Path, quick: bool = Fal
     print(f"[demo] compare: SFT teaches 'copy: a b c' -> 'a b c' while DPO prefers 'c b a' on the same prompts; "
           f"sequential, mix, alright and maxright get {steps} steps each" +
           ("" if quick else ", then each objective is trained alone for the ideal point"), flush=True)
-    result = run_compare(cfg, out, ideal=not quick)
+    names = [o.name for o in cfg.objectives]
+    result = run_compare(cfg, out, ideal=not quick, measures=[f"gen/{n}/exact_match" for n in names])
     rows = {r["method"]: r for r in result.rows}
-    names = result.names
     for m, r in rows.items():
         dist = r["distance_to_ideal"]
         print(f"[demo]   {m:<10} final {names[0]} {r[f'f_{names[0]}']:.3f}, {names[1]} {r[f'f_{names[1]}']:.3f}"
               + (f", distance to ideal {dist:.3f}" if dist is not None else "")
-              + f", {r['tokens_vs_sequential']:.2f}x sequential's tokens, {r['time_vs_sequential']:.2f}x its time",
+              + f"; copy accuracy {_pct(r.get(f'gen/{names[0]}/exact_match'))}, reverse accuracy "
+              + f"{_pct(r.get(f'gen/{names[1]}/exact_match'))}"
+              + f"; {r['tokens_vs_sequential']:.2f}x sequential's tokens, {r['time_vs_sequential']:.2f}x its time",
               flush=True)
-    print(f"[demo] compare: loss-space plot {result.plot}\n[demo] compare: table {result.table_md} "
-          f"(and {result.table_json.name})", flush=True)
+    print(f"[demo] compare: loss-space plot {result.plot}, accuracies {result.measures_plot}\n"
+          f"[demo] compare: table {result.table_md} (and {result.table_json.name})", flush=True)
     return result
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"

@@ -15,21 +15,20 @@ from bipost.tiny import save_tiny
 from bipost.run import train
 
 
-@torch.no_grad()
 def exact_match(model_dir: Path, rows: list[dict], template: str = "User: {}\nAssistant: ") -> float:
-    """Greedy-decode each prompt; fraction whose answer equals the reference exactly."""
+    """Greedy-decode each prompt (batched, ``bipost.generation``); the fraction whose answer equals
+    the reference (``bipost.evaluation.exact_match``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from bipost.evaluation import exact_match as same
+    from bipost.generation import generate
+
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    right = 0
-    for r in rows:
-        ids = tok(template.format(r["input"]), return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
-        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-        right += text == r["output"]
-    return right / len(rows)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    prompts = [tok(template.format(r["input"])).input_ids for r in rows]
+    out = generate(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=16)
+    answers = [tok.decode(ids, skip_special_tokens=True) for ids in out.completion_ids]
+    return sum(same(a, r["output"]) for a, r in zip(answers, rows)) / len(rows)
 
 
 def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:

@@ -3,10 +3,13 @@
 ``run_compare``: every method (default sequential, mix, alright, maxright) trains the same
 objectives from the same model for the same number of optimizer steps, each in its own
 ``<out>/<method>/`` run directory; their held-out trajectories go into ``loss_space.png`` and
-their final losses and costs into ``compare.md`` / ``compare.json``.
+their final losses and costs into ``compare.md`` / ``compare.json``. With an ``eval`` section the
+table also holds each method's benchmark scores and generation metrics (exact match, F1, win rate)
+at its last evaluation, and ``measures.png`` plots a chosen pair of them per method (e.g. MMLU
+against win rate: the papers' table, on the user's model and data).
 
 ``run_sweep``: the same for each lambda of a list (two objectives), giving each method's
-trade-off front: ``sweep.png``, ``sweep.md``, ``sweep.json``.
+trade-off front: ``sweep.png``, ``sweep.md``, ``sweep.json`` (and ``sweep_measures.png``).
 
 The ideal point (f_1*, f_2*, ...) comes from ``objectives[i].optimum`` when the config gives it;
 with ``ideal=True`` the missing ones are measured by training each objective alone for the same
@@ -27,7 +30,7 @@ from typing import Any, Sequence
 from bipost.config import RunConfig
 from bipost.configio import ConfigError, validate
 from bipost.report.loss_space import plot_fronts, plot_trajectories
-from bipost.report.tables import comparison_rows, markdown, write_json
+from bipost.report.tables import comparison_rows, markdown, measure_keys, measure_label, write_json
 
 METHODS = ("sequential", "mix", "alright", "maxright")
 """The bi-objective schedules compared by default, in plotting order."""
@@ -142,6 +145,9 @@ def ideal_point(cfg: RunConfig, out: Path, measure: bool,
         single.objectives = [copy.deepcopy(o)]
         single.objectives[0].weight = 1.0
         single.schedule.name = "single"
+        if single.eval.objectives:  # generation metrics only of the objectives the config names
+            single.eval.generate = single.eval.generate and o.name in single.eval.objectives
+            single.eval.objectives = [n for n in single.eval.objectives if n == o.name]
         _say(f"[{tag}] ideal point: training {o.name} alone -> {out / f'ideal-{o.name}'}")
         r = run_method(single, "single", out / f"ideal-{o.name}")
         r.method = f"{o.name} alone"
@@ -164,6 +170,48 @@ def _lambdas_text(cfg: RunConfig) -> str:
     return ", ".join(f"{o.name} {o.weight:.2g}" for o in cfg.objectives)
 
 
+def check_measures(measures: Sequence[str] | None) -> list[str] | None:
+    """A pair of measures to plot (``bench/<task>/<metric>``, ``gen/<objective>/<metric>``), checked
+    before anything trains."""
+    if not measures:
+        return None
+    if len(measures) != 2:
+        raise ConfigError(f"--measures takes two measures, e.g. bench/mmlu/acc,gen/dpo/win_rate; got {list(measures)}")
+    return list(measures)
+
+
+def default_pair(measures: Sequence[str]) -> list[str] | None:
+    """Two measures of different things: the first measure (a benchmark when there is one), against
+    a win rate of another objective when there is one, else the first measure of another benchmark or
+    objective (e.g. MMLU against DPO's win rate; SFT's exact match against DPO's)."""
+    if len(measures) < 2:
+        return None
+    first = measures[0]
+    other = [m for m in measures if m.split("/")[1] != first.split("/")[1]]
+    wins = [m for m in other if m.endswith("/win_rate")]
+    return [first, (wins or other or list(measures[1:]))[0]]
+
+
+def measure_pair(results: Sequence[MethodResult], chosen: Sequence[str] | None) -> list[str] | None:
+    """The two measures to plot: ``chosen`` when every one was measured (else None, with a
+    warning), otherwise :func:`default_pair` of what the runs measured."""
+    finals = [r.final for r in results]
+    available = measure_keys(finals)
+    if not chosen:
+        return default_pair(available)
+    missing = [m for m in chosen if not any(m in f for f in finals)]
+    if missing:
+        _say(f"[compare] no plot of {', '.join(chosen)}: {', '.join(missing)} was not measured "
+             f"(measured: {', '.join(available) or 'none; set eval.benchmarks or eval.generate'})")
+        return None
+    return list(chosen)
+
+
+def _measures_title(pair: Sequence[str], budget: int) -> str:
+    return (f"{measure_label(pair[0])} vs {measure_label(pair[1])}\n"
+            f"at the evaluations that measured both, over {budget} steps; the large point is the last")
+
+
 @dataclass
 class Comparison:
     names: list[str]
@@ -175,13 +223,17 @@ class Comparison:
     table_md: Path
     table_json: Path
     rows: list[dict]
+    measures_plot: Path | None = None
+    """``measures.png``: each method in the plane of two measures (None without two measures)."""
 
 
 def run_compare(cfg: RunConfig, out: str | Path, methods: Sequence[str] | None = None,
-                ideal: bool = False) -> Comparison:
+                ideal: bool = False, measures: Sequence[str] | None = None) -> Comparison:
     """Train every method on ``cfg`` with one budget; write ``loss_space.png``, ``compare.md`` and
-    ``compare.json`` into ``out``."""
+    ``compare.json`` into ``out``, and ``measures.png`` (``measures``: the pair to plot; default
+    :func:`default_pair`)."""
     check_comparable(cfg)
+    measures = check_measures(measures)
     chosen = _methods(methods)
     out = Path(out)
     budget = resolve_budget(cfg)
@@ -197,18 +249,24 @@ def run_compare(cfg: RunConfig, out: str | Path, methods: Sequence[str] | None =
     rows = comparison_rows(results, names, f_star)
     plot = out / "loss_space.png"
     table_md, table_json = out / "compare.md", out / "compare.json"
+    pair = measure_pair(results, measures)
+    measures_plot = out / "measures.png" if pair else None
     if is_main():
         labels = {r["method"]: _legend(r) for r in rows}
         title = (f"Loss space: {' + '.join(names)} (λ: {_lambdas_text(base)})\n"
                  f"held-out losses every {base.train.eval_steps} of {budget} steps; arrows point the way training went")
         plot_trajectories({r.method: r.eval_history for r in results}, names, plot, f_star, labels, title,
                           marks={"sequential": _stage_marks(base, budget)})
+        if pair and measures_plot:
+            plot_trajectories({r.method: r.eval_history for r in results}, pair, measures_plot, labels=labels,
+                              title=_measures_title(pair, budget), axis_label=measure_label)
         table_md.write_text(_header(_lambdas_text(base), budget, f_star, ideal) + "\n" + markdown(rows, names))
         write_json(table_json, {"objectives": names, "weights": {o.name: o.weight for o in base.objectives},
-                                "budget_steps": budget, "ideal": f_star, "rows": rows,
-                                "runs": [r.to_json() for r in results],
+                                "budget_steps": budget, "ideal": f_star,
+                                "measures": measure_keys([r.final for r in results]), "measures_plotted": pair,
+                                "rows": rows, "runs": [r.to_json() for r in results],
                                 "ideal_runs": [r.to_json() for r in ideal_runs]})
-    return Comparison(names, budget, results, f_star, ideal_runs, plot, table_md, table_json, rows)
+    return Comparison(names, budget, results, f_star, ideal_runs, plot, table_md, table_json, rows, measures_plot)
 
 
 def _stage_marks(cfg: RunConfig, budget: int) -> list[tuple[int, str]]:
@@ -245,13 +303,16 @@ class Sweep:
     table_md: Path
     table_json: Path
     rows: list[dict]
+    measures_plot: Path | None = None
+    """``sweep_measures.png``: each method's front in the plane of two measures."""
 
 
 def run_sweep(cfg: RunConfig, lambdas: Sequence[float], out: str | Path, methods: Sequence[str] | None = None,
-              ideal: bool = False) -> Sweep:
+              ideal: bool = False, measures: Sequence[str] | None = None) -> Sweep:
     """For each lambda (weight of the first objective; the second gets 1 - lambda) train every
-    method; plot each method's front of final losses and tabulate them."""
+    method; plot each method's front of final losses (and of two measures) and tabulate them."""
     check_comparable(cfg)
+    measures = check_measures(measures)
     if len(cfg.objectives) != 2:
         raise ConfigError(f"sweep traces two-objective fronts; the config has {len(cfg.objectives)} objectives")
     bad = [x for x in lambdas if not 0.0 <= x <= 1.0]
@@ -276,17 +337,24 @@ def run_sweep(cfg: RunConfig, lambdas: Sequence[float], out: str | Path, methods
     for lam in lambdas:
         rows += comparison_rows([r for r in results if r.lam == lam], names, f_star)
     plot, table_md, table_json = out / "sweep.png", out / "sweep.md", out / "sweep.json"
+    pair = measure_pair(results, measures)
+    measures_plot = out / "sweep_measures.png" if pair else None
     if is_main():
         fronts: dict[str, list] = {m: [(r.lam, r.final) for r in results if r.method == m] for m in chosen}
         plot_fronts(fronts, names, plot, f_star,
                     title=f"Trade-off fronts: {' + '.join(names)}\nfinal held-out losses after {budget} steps, "
                           f"one point per λ")
+        if pair and measures_plot:
+            plot_fronts(fronts, pair, measures_plot, axis_label=measure_label,
+                        title=f"{measure_label(pair[0])} vs {measure_label(pair[1])}\nat the last evaluation "
+                              f"after {budget} steps, one point per λ")
         table_md.write_text(_header(f"{list(lambdas)} (weight of {names[0]})", budget, f_star, ideal)
                             + "\n" + markdown(rows, names))
         write_json(table_json, {"objectives": names, "budget_steps": budget, "lambdas": list(lambdas),
-                                "ideal": f_star, "rows": rows, "runs": [r.to_json() for r in results],
+                                "ideal": f_star, "measures": measure_keys([r.final for r in results]),
+                                "measures_plotted": pair, "rows": rows, "runs": [r.to_json() for r in results],
                                 "wall_time_total_s": time.time() - t0})
-    return Sweep(names, budget, list(lambdas), results, f_star, plot, table_md, table_json, rows)
+    return Sweep(names, budget, list(lambdas), results, f_star, plot, table_md, table_json, rows, measures_plot)
 
 
 def parse_lambdas(text: str) -> list[float]:

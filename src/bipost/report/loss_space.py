@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 COLORS = {"sequential": "#d62728", "mix": "#9467bd", "alright": "#1f77b4", "maxright": "#2ca02c",
           "single": "#7f7f7f"}
@@ -56,7 +56,8 @@ def _mark_ideal(ax, ideal: Mapping[str, float | None], a: str, b: str) -> None:
 def plot_trajectories(trajectories: Mapping[str, Sequence[Mapping[str, float]]], names: Sequence[str],
                       path: str | Path, ideal: Mapping[str, float | None] | None = None,
                       labels: Mapping[str, str] | None = None, title: str = "",
-                      marks: Mapping[str, Sequence[tuple[int, str]]] | None = None) -> Path:
+                      marks: Mapping[str, Sequence[tuple[int, str]]] | None = None,
+                      axis_label: Callable[[str], str] | None = None) -> Path:
     """Each method's held-out losses over its evaluations, as a path in (f_a, f_b) for every pair of
     objectives: an arrow per evaluation interval, the end point large, the shared start hollow.
     ``marks``: method -> [(step, text)] written next to the evaluation at that step (e.g. where
@@ -64,6 +65,7 @@ def plot_trajectories(trajectories: Mapping[str, Sequence[Mapping[str, float]]],
 
     ``trajectories``: method -> evaluations (dicts with one loss per objective name, in order);
     ``labels``: method -> legend text (e.g. with its cost); ``ideal``: objective -> f* or None.
+    ``axis_label``: key -> axis title, for axes that are not held-out losses (e.g. benchmark scores).
     """
     ideal = ideal or {}
     pairs = list(itertools.combinations(names, 2))
@@ -88,14 +90,14 @@ def plot_trajectories(trajectories: Mapping[str, Sequence[Mapping[str, float]]],
                                 arrowprops=dict(arrowstyle="-", color=color, lw=0.8))
             ax.scatter([xs[-1]], [ys[-1]], s=110, color=color, edgecolor="black", zorder=5,
                        label=(labels or {}).get(method, method))
-            if not start_drawn:
+            if not start_drawn and len(pts) > 1:  # a single evaluation has no path to start
                 ax.scatter([xs[0]], [ys[0]], s=90, facecolor="white", edgecolor="black", zorder=5,
                            label="start")
                 start_drawn = True
         _mark_ideal(ax, ideal, a, b)
         ax.margins(0.07)  # room for the point labels at the edges
-        ax.set_xlabel(f"held-out {a} loss  (f_{names.index(a) + 1})")
-        ax.set_ylabel(f"held-out {b} loss  (f_{names.index(b) + 1})")
+        ax.set_xlabel(axis_label(a) if axis_label else f"held-out {a} loss  (f_{names.index(a) + 1})")
+        ax.set_ylabel(axis_label(b) if axis_label else f"held-out {b} loss  (f_{names.index(b) + 1})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8.5, loc="best", framealpha=0.9)
     return _finish(fig, axes, len(pairs), title, path)
@@ -103,11 +105,12 @@ def plot_trajectories(trajectories: Mapping[str, Sequence[Mapping[str, float]]],
 
 def plot_fronts(fronts: Mapping[str, Sequence[tuple[float, Mapping[str, float]]]], names: Sequence[str],
                 path: str | Path, ideal: Mapping[str, float | None] | None = None,
-                title: str = "") -> Path:
+                title: str = "", axis_label: Callable[[str], str] | None = None) -> Path:
     """Each method's final held-out losses for every lambda, joined in lambda order (its trade-off
     front); every point is annotated with its lambda (the weight of the first objective).
 
-    ``fronts``: method -> [(lambda, {objective: final loss}), ...].
+    ``fronts``: method -> [(lambda, {objective: final loss}), ...]; ``axis_label`` as in
+    :func:`plot_trajectories`.
     """
     ideal = ideal or {}
     pairs = list(itertools.combinations(names, 2))
@@ -125,8 +128,8 @@ def plot_fronts(fronts: Mapping[str, Sequence[tuple[float, Mapping[str, float]]]
                             color=color)
         _mark_ideal(ax, ideal, a, b)
         ax.margins(0.07)  # room for the point labels at the edges
-        ax.set_xlabel(f"final held-out {a} loss  (f_{names.index(a) + 1})")
-        ax.set_ylabel(f"final held-out {b} loss  (f_{names.index(b) + 1})")
+        ax.set_xlabel(axis_label(a) if axis_label else f"final held-out {a} loss  (f_{names.index(a) + 1})")
+        ax.set_ylabel(axis_label(b) if axis_label else f"final held-out {b} loss  (f_{names.index(b) + 1})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8.5, loc="best", framealpha=0.9,
                   title=f"labels: λ of {names[0]}", title_fontsize=8)

@@ -24,8 +24,15 @@ class Collectives(Protocol):
     rank: int
     world_size: int
     is_main: bool
+    device: torch.device
+    lockstep_forwards: bool
+    """Every forward of the model is a collective (FSDP2, ZeRO-3): every rank must run as many."""
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor: ...
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's (picklable) ``obj``, in rank order, on every rank."""
+        ...
 
     def barrier(self) -> None: ...
 
@@ -43,6 +50,10 @@ class ObjectiveView:
     """Rows in its data's training split (before ``max_samples`` and skips)."""
     steps_per_pass: int
     """Optimizer steps one pass over its training examples takes."""
+    eval: Sequence = ()
+    """Its held-out examples (each with its original ``row_id``)."""
+    examples: str = "sft"
+    """Their example type (``bipost.data.examples``): ``sft`` (prompt/response) or ``pref`` (prompt/chosen/rejected)."""
 
 
 @dataclass
@@ -62,6 +73,12 @@ class HookContext:
     """Token ids -> text (special tokens dropped)."""
     save_model: Callable[[Path], None]
     """Export the model being trained to a folder (every rank calls it: gathering may be collective)."""
+    model: Any = None
+    """The model being trained, as the engine wrapped it: for inference only (generation, benchmarks)."""
+    tokenizer: Any = None
+    """The run's tokenizer."""
+    log_table: Callable[[str, list, int], None] = lambda key, rows, step: None
+    """``log_table(key, rows, step)``: rows (dicts) as a table in the trackers that show tables (wandb)."""
 
 
 class StepHook:
@@ -84,6 +101,11 @@ class StepHook:
     def skipped_step(self, step: int) -> None:
         """Instead of ``after_step`` when the step was skipped (a non-finite loss or gradient norm on
         some rank; the same on every rank): drop what ``transform`` kept of it."""
+
+    def evaluate(self, step: int, final: bool) -> dict:
+        """At each held-out evaluation, after the held-out losses (``final``: the run's last one);
+        returns metrics for the evaluation's record. Every rank calls it."""
+        return {}
 
     def on_end(self, step: int) -> None:
         """After the final model is saved (``step``: the steps run)."""

@@ -86,24 +86,31 @@ class Trainer:
         self.tokens = 0
         self.elapsed = 0.0
         self.stopped_early: str | None = None
+        self.evaluated_at = -1
+        """The step of the last held-out evaluation (checkpointed: a resumed run knows whether its
+        first step's evaluation already happened)."""
         self.guard = NonFiniteGuard(cfg.train.max_skipped_steps)
         self.signals = preempt.SignalFlag(cfg.train.save_on_signals)
         self._ds_applied = False
+        self._tracker_ids: dict = {}
+        """The trackers' run ids of the resumed run (they continue the same runs)."""
         for hook in self.hooks:
             hook.bind(self.hook_context())
         self._resume()
-        self.metrics = MetricsWriter(self.out, cfg.train.report_to, dataclasses.asdict(cfg),
-                                     enabled=self.engine.is_main, wandb_project=cfg.train.wandb_project)
+        self.metrics = MetricsWriter.for_run(cfg, enabled=self.engine.is_main, run_ids=self._tracker_ids)
 
     def hook_context(self) -> HookContext:
         per_pass = steps_per_pass(self.runs)
         return HookContext(
             output_dir=self.out, max_steps=self.max_steps, comm=self.engine,
-            objectives={n: ObjectiveView(r.cfg, r.train, r.data.summary.rows_read, per_pass[n])
+            objectives={n: ObjectiveView(r.cfg, r.train, r.data.summary.rows_read, per_pass[n], r.eval,
+                                         r.data.examples.name)
                         for n, r in self.runs.items()},
             measure=self.measure_rows, upper_weight=self.schedule.upper_weight,
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
             save_model=lambda folder: ckpt.save_model(self.engine, self.model, folder, tokenizer=self.tokenizer),
+            model=self.model, tokenizer=self.tokenizer,
+            log_table=lambda key, rows, step: self.metrics.table(key, rows, step),
         )
 
     # ------------------------------------------------------------------ setup helpers
@@ -128,9 +135,11 @@ class Trainer:
         for name, s in state.get("objectives", {}).items():
             self.runs[name].objective.load_state_dict(s)
         self.schedule.load_state_dict(state["schedule"])
+        self._tracker_ids = state.get("trackers", {})
         for hook, hs in zip(self.hooks, state.get("hooks", [])):
             hook.load_state_dict(hs)
         self.guard.load_state_dict(state.get("guard", {}))
+        self.evaluated_at = state.get("evaluated_at", self.step)
 
     def trainer_state(self) -> dict:
         return {
@@ -142,6 +151,8 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "hooks": [h.state_dict() for h in self.hooks],
             "guard": self.guard.state_dict(),
+            "evaluated_at": self.evaluated_at,
+            "trackers": self.metrics.run_ids(),
         }
 
     # ------------------------------------------------------------------ one step
@@ -305,13 +316,20 @@ class Trainer:
         return None
 
     def _log_eval(self, result: RunResult) -> None:
+        self.evaluated_at = self.step
         ev = self.evaluate()
         if ev:
-            rec = {"kind": "eval", "step": self.step, **{f"eval/{n}": v for n, v in ev.items()}}
-            self.metrics.write(rec)
-            result.eval_history.append({"step": self.step, **ev})
-            self.engine.print("[eval] step %d: %s" % (self.step, ", ".join(f"{n}={v:.4f}" for n, v in ev.items())))
             self.stopped_early = self._should_stop(ev)
+        # The hooks' measures of the same model (benchmarks, generations); every rank calls them.
+        final = self.stopped_early is not None or self.step >= self.max_steps
+        with self.engine.stage(f"generation / benchmark evaluation at step {self.step}"):
+            extra = {k: v for hook in self.hooks for k, v in hook.evaluate(self.step, final).items()}
+        if ev or extra:
+            rec = {"kind": "eval", "step": self.step, **{f"eval/{n}": v for n, v in ev.items()}, **extra}
+            self.metrics.write(rec)
+            result.eval_history.append({"step": self.step, **ev, **extra})
+            self.engine.print("[eval] step %d: %s" % (self.step, ", ".join(f"{n}={v:.4f}" for n, v in
+                                                                          {**ev, **extra}.items())))
             if self.stopped_early:
                 self.engine.print(f"[early stop] step {self.step}: {self.stopped_early}")
 
@@ -328,8 +346,9 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        # Also after resuming at an eval step: a preempted run stopped before that evaluation ...
-        if t.eval_steps and self.step % t.eval_steps == 0:
+        # Also after resuming at an eval step whose evaluation did not happen (a preempted run saves
+        # before it) ...
+        if t.eval_steps and self.step % t.eval_steps == 0 and self.evaluated_at != self.step:
             self._log_eval(result)
         # ... and if it stops the run early, the resumed run stops as the uninterrupted one did.
         while self.step < self.max_steps and not (self.step and self.stopped_early):
