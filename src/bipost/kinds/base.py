@@ -117,11 +117,21 @@ class Objective:
         """Sequences in a batch (the rows of a padded batch)."""
         return int(batch["row_ids"].shape[0])
 
-    def units(self, batch: dict) -> int:
-        """Loss units in a batch (the reduction contract, ``objectives/base.py``): response tokens."""
-        if "logp_target" in batch:
-            return int(batch["logp_target"].numel())
-        return int((batch["labels"][:, 1:] != -100).sum())
+    def row_units(self, batch: dict) -> torch.Tensor:
+        """Each example's loss units ``[rows]``, known before the forward (the reduction contract,
+        ``objectives/base.py``): its response tokens."""
+        rows = int(batch["row_ids"].shape[0])
+        if "logp_seq" in batch:  # packed: the sequence of every position that predicts a response token
+            return torch.bincount(batch["logp_seq"], minlength=rows).double()
+        return (batch["labels"][:, 1:] != -100).sum(1).double()
+
+    def units(self, batch: dict) -> float:
+        """Loss units in a batch: the sum of :meth:`row_units`, each example weighted by its per-row
+        weight when the batch carries ``weights`` (``data.weight_key``; see ``objectives/base.py``)."""
+        units = self.row_units(batch)
+        if "weights" in batch:
+            units = units * batch["weights"].double()
+        return float(units.sum())
 
     # ---------------------------------------------------------------- the step
     def prepare(self, model, batches: list[dict], step: StepContext) -> list[dict]:

@@ -91,8 +91,8 @@ class DPO(Objective):
     def num_seqs(self, batch):
         return 2 * int(batch["row_ids"].shape[0])
 
-    def units(self, batch):
-        return int(batch["row_ids"].shape[0])
+    def row_units(self, batch):
+        return torch.ones(int(batch["row_ids"].shape[0]), dtype=torch.float64)  # one per pair
 
     def reference_logps(self, model, batch) -> torch.Tensor:
         """Summed reference log-probs ``[2n]`` (chosen then rejected), without grad."""

@@ -14,6 +14,10 @@ Reduction contract (read this before writing an objective):
   world_size`` per micro-batch (``world_size`` undoes the gradient averaging of DDP/FSDP).
   So micro-batch 2 x accumulation 4 and micro-batch 8 x accumulation 1 (or 2 ranks x 4)
   give the same update, up to float rounding.
+* Per-row weights (``data.weight_key``): example ``i`` with weight ``w_i`` counts ``w_i`` times, in
+  the losses *and* in the units: the step's loss is ``sum(w_i * losses_i) / sum(w_i * units_i)``.
+  So weight 1 everywhere is no weighting and weight 2 is the row duplicated. The loop applies the
+  weights (:meth:`ObjectiveOutput.weighted`); objectives never see them.
 * ``losses / units`` is the per-example mean (e.g. the sequence-mean NLL the selector uses).
 * ``metrics`` are detached per-example tensors ``[B]``; the loop averages them over all
   examples of the step on all ranks.
@@ -34,3 +38,8 @@ class ObjectiveOutput:
     """Per-example unit count (tokens for SFT/KD, 1 for DPO), shape ``[B]``, float, no grad."""
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     """Detached per-example metrics, each of shape ``[B]``."""
+
+    def weighted(self, weights: torch.Tensor) -> "ObjectiveOutput":
+        """Each example counted ``weights[i]`` times: losses and units scaled, metrics unchanged."""
+        w = weights.to(self.losses.device, torch.float32)
+        return ObjectiveOutput(self.losses * w, self.units * w, self.metrics)

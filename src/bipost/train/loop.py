@@ -226,7 +226,7 @@ class Trainer:
         ``scale`` x its loss sum; gradients are synchronized across ranks only when ``sync``."""
         batch = self.engine.to_device(batch)
         with self.engine.no_sync(self.model, enabled=not sync):
-            out = self.runs[name].objective.loss(self.model, batch)
+            out = _weigh(self.runs[name].objective.loss(self.model, batch), batch)
             for hook in self.hooks:
                 out = hook.transform(name, batch, out)
             self.engine.backward(out.losses.sum() * scale)
@@ -251,7 +251,8 @@ class Trainer:
         mode. Ranks may hold different numbers of batches: the engine keeps every rank's forwards in
         step (``Engine.no_grad_forwards``; ``filler`` is run uncounted where a rank needs one)."""
         objective = self.runs[name].objective
-        return self.engine.no_grad_forwards(self.model, objective.measure, batches, filler=filler, stage=name)
+        return self.engine.no_grad_forwards(self.model, lambda m, b: _weigh(objective.measure(m, b), b), batches,
+                                            filler=filler, stage=name)
 
     def _global_loss(self, outs: list[ObjectiveOutput]) -> float:
         s = torch.zeros(2, dtype=torch.float64)
@@ -401,3 +402,8 @@ class Trainer:
                         merged=self.cfg.model.lora.save_merged)
         self.engine.barrier()
         self.engine.print(f"[done] {self.step} steps; final model in {final}")
+
+
+def _weigh(out: ObjectiveOutput, batch: dict) -> ObjectiveOutput:
+    """The per-row weights of the batch, if it has any, applied (the reduction contract)."""
+    return out.weighted(batch["weights"]) if "weights" in batch else out
