@@ -19,11 +19,11 @@ import hashlib
 import json
 import logging
 import os
-from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from bipost.data.types import PrefExample
@@ -37,8 +37,8 @@ FORMAT_VERSION = 1
 class ReferenceLogps:
     """Summed reference log-probs of chosen and rejected, per example (by content)."""
 
-    table: dict[tuple, tuple[float, float]]
-    """``content(example)`` -> (chosen, rejected)."""
+    table: dict[bytes, tuple[float, float]]
+    """``content_key(example)`` -> (chosen, rejected)."""
 
     @staticmethod
     def content(e: PrefExample) -> tuple:
@@ -47,15 +47,16 @@ class ReferenceLogps:
 
     @classmethod
     def of(cls, examples: Sequence[PrefExample], values: torch.Tensor) -> "ReferenceLogps":
-        return cls({cls.content(e): (c, r) for e, (c, r) in zip(examples, values.tolist())})
+        return cls({content_key(cls.content(e)): (c, r) for e, (c, r) in zip(examples, values.tolist())})
 
     def lookup(self, examples: Sequence[PrefExample]) -> torch.Tensor:
         """``[2n]`` float32: the chosen values of ``examples`` then their rejected values."""
         pairs = []
         for e in examples:
-            if self.content(e) not in self.table:
+            key = content_key(self.content(e))
+            if key not in self.table:
                 raise KeyError(f"example row {e.row_id} is not in the reference cache")
-            pairs.append(self.table[self.content(e)])
+            pairs.append(self.table[key])
         return torch.tensor([p[0] for p in pairs] + [p[1] for p in pairs], dtype=torch.float32)
 
 
@@ -64,13 +65,23 @@ def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+def content_bytes(parts: Sequence) -> bytes:
+    """An example's id sequences (tuples or numpy arrays) as bytes: per part its length (4 bytes,
+    little-endian) and its ids as native int64 (the bytes ``array("q", part)`` gave)."""
+    return b"".join(len(p).to_bytes(4, "little") + np.asarray(p, dtype=np.int64).tobytes() for p in parts)
+
+
+def content_key(parts: Sequence) -> bytes:
+    """A 16-byte digest of :func:`content_bytes`: the table key (a copy of every token would cost
+    8 bytes a token; tuples of arrays are not hashable)."""
+    return hashlib.blake2b(content_bytes(parts), digest_size=16).digest()
+
+
 def data_fingerprint(examples: Sequence, content: Callable[[object], tuple] = ReferenceLogps.content) -> str:
-    """Hash of every example's token ids (order included); ``content(e)`` names its id tuples."""
+    """Hash of every example's token ids (order included); ``content(e)`` names its id sequences."""
     h = hashlib.sha256()
     for e in examples:
-        for part in content(e):
-            h.update(len(part).to_bytes(4, "little"))
-            h.update(array("q", part).tobytes())
+        h.update(content_bytes(content(e)))
     return h.hexdigest()
 
 

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from bipost.data.types import SFTExample
-from bipost.train.refcache import _sha, cache_meta, read_cache, write_cache
+from bipost.train.refcache import _sha, cache_meta, content_key, read_cache, write_cache
 
 log = logging.getLogger("bipost")
 
@@ -34,8 +34,8 @@ log = logging.getLogger("bipost")
 class TeacherTopK:
     """Per example (by content): the teacher's top-k token ids and log-probs at each position."""
 
-    index: dict[tuple, int]
-    """``content(example)`` -> its number in ``offsets``."""
+    index: dict[bytes, int]
+    """``content_key(content(example))`` -> its number in ``offsets``."""
     offsets: torch.Tensor
     """``[N + 1]`` int64: example ``i``'s positions are rows ``offsets[i]:offsets[i + 1]``."""
     ids: torch.Tensor
@@ -50,13 +50,13 @@ class TeacherTopK:
     @classmethod
     def of(cls, examples: Sequence[SFTExample], offsets: torch.Tensor, ids: torch.Tensor,
            logps: torch.Tensor) -> "TeacherTopK":
-        return cls({cls.content(e): i for i, e in enumerate(examples)}, offsets, ids, logps)
+        return cls({content_key(cls.content(e)): i for i, e in enumerate(examples)}, offsets, ids, logps)
 
     def lookup(self, examples: Sequence[SFTExample]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ids [M, k] int64, logps [M, k] float32)`` of ``examples``' positions, in batch order."""
         rows = []
         for e in examples:
-            i = self.index.get(self.content(e))
+            i = self.index.get(content_key(self.content(e)))
             if i is None:
                 raise KeyError(f"example row {e.row_id} is not in the teacher cache")
             rows.append(torch.arange(int(self.offsets[i]), int(self.offsets[i + 1])))
