@@ -65,6 +65,8 @@ class ChunkResult:
     truncated: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     skip_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     skip_reasons: list[str] = field(default_factory=list)
+    skip_stage: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
+    """0: skipped by the format (``format_row``), 1: by the encoder (e.g. too long)."""
     error: bool = False
     """A :class:`DataError` was raised in a worker; the main process re-raises it exactly."""
 
@@ -86,6 +88,7 @@ def process_chunk(spec: BuildSpec, chunk: Chunk, index0: int = 0, line0: int = 0
             reasons.append(text)
         else:
             items.append((row.row_id, *vars(text).values()))
+    n_format = len(skip_ids)
     examples, cuts = [], []
     for item, (result, cut) in zip(items, spec.encode(items, spec.policy, spec.max_len) if items else []):
         if isinstance(result, str):
@@ -100,6 +103,7 @@ def process_chunk(spec: BuildSpec, chunk: Chunk, index0: int = 0, line0: int = 0
         columns=to_columns(schema_of(spec.example_type), examples),
         truncated=np.asarray(cuts, dtype=bool),
         skip_ids=np.asarray(skip_ids, dtype=np.int64)[order], skip_reasons=[reasons[i] for i in order],
+        skip_stage=(np.arange(len(skip_ids)) >= n_format).astype(np.int8)[order],
     )
 
 
@@ -199,6 +203,7 @@ def build_store(split: Split, spec: BuildSpec, folder: Path, token_dtype_name: s
     numbering = Numbering()
     rows_done = 0
     skip_ids: list[np.ndarray] = []
+    skip_stage: list[np.ndarray] = []
     skip_reasons: list[str] = []
     chunks = iter_chunks(split)
     pool = _Pool(spec, num_proc)
@@ -224,6 +229,7 @@ def build_store(split: Split, spec: BuildSpec, folder: Path, token_dtype_name: s
             writer.append(columns, aux={"truncated": res.truncated[keep]})
             skip_keep = res.skip_ids < n_rows
             skip_ids.append(res.skip_ids[skip_keep] + rows_done)
+            skip_stage.append(res.skip_stage[skip_keep])
             skip_reasons += [r for r, k in zip(res.skip_reasons, skip_keep) if k]
             numbering.advance(chunk, res.n_rows, res.n_lines)
             rows_done += n_rows
@@ -242,7 +248,8 @@ def build_store(split: Split, spec: BuildSpec, folder: Path, token_dtype_name: s
         meta={**meta, "rows_read": rows_read, "rows_used": rows_done, "skip_reasons": reasons,
               "build_seconds": round(info.seconds, 3), "num_proc": info.num_proc},
         arrays={"skip_row_ids": np.concatenate(skip_ids) if skip_ids else np.zeros(0, np.int64),
-                "skip_reason": np.asarray([code[r] for r in skip_reasons], dtype=np.int32)},
+                "skip_reason": np.asarray([code[r] for r in skip_reasons], dtype=np.int32),
+                "skip_stage": np.concatenate(skip_stage) if skip_stage else np.zeros(0, np.int8)},
     )
     return info
 

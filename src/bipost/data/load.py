@@ -187,11 +187,19 @@ def _store(cfg: DataConfig, kind: str, split: Split, cap: Optional[int], fmt: st
 
 
 def _choose(store: TokenStore, roles: np.ndarray, role: int) -> tuple[ExampleView, Counter]:
-    """The examples whose row has ``role`` (a view) and that role's skipped rows, by reason."""
+    """The examples whose row has ``role`` (a view) and that role's skipped rows, by reason.
+
+    The counter lists reasons in the order a row-by-row pass meets them (format skips first, then
+    the encoder's), so that ties in the summary read as they always did.
+    """
     view = ExampleView(store, np.flatnonzero(roles[store.row_ids] == role))
-    skip_ids, codes = store.arrays["skip_row_ids"], store.arrays["skip_reason"]
-    counts = np.bincount(codes[roles[skip_ids] == role], minlength=len(store.meta["skip_reasons"]))
-    return view, Counter({r: int(c) for r, c in zip(store.meta["skip_reasons"], counts) if c})
+    mine = roles[store.arrays["skip_row_ids"]] == role
+    ids, codes = store.arrays["skip_row_ids"][mine], store.arrays["skip_reason"][mine]
+    first = np.full(len(store.meta["skip_reasons"]), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, codes, store.arrays["skip_stage"][mine].astype(np.int64) * (len(roles) + 1) + ids)
+    counts = np.bincount(codes, minlength=len(first))
+    return view, Counter({store.meta["skip_reasons"][c]: int(counts[c]) for c in np.argsort(first, kind="stable")
+                          if counts[c]})
 
 
 def _all_skipped(what: str, n: int, skipped: Counter, cfg: DataConfig) -> DataError:

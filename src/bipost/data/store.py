@@ -16,7 +16,9 @@ ragged UTF-8 bytes. A new example type is stored by declaring it, nothing here c
 Reading an example slices the memory maps: its arrays are read-only *views* (no copy), its
 scalars Python numbers, its strings ``str``. Opening a store reads only the manifest; the
 operating system pages data in as batches touch it, and those pages are shared by every process
-that maps the same files (all ranks of a node) and can be dropped under memory pressure.
+that maps the same files (all ranks of a node) and can be dropped under memory pressure. Every
+:data:`RELEASE_EVERY` examples the store unmaps what the process touched (the pages stay cached),
+so a process's RSS does not grow to the whole data set over an epoch.
 Raw arrays rather than Arrow: one example is two offset reads and a slice per field (about a
 microsecond), with exactly the dtype chosen (``uint16`` tokens); see docs/data.md.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import mmap
 import os
 import sys
 import typing
@@ -42,6 +45,8 @@ STORE_VERSION = 1
 """Layout version of a store folder (part of the cache key through ``DATA_CODE_VERSION``)."""
 MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
+RELEASE_EVERY = 1024
+"""Examples read between two :meth:`TokenStore.release` calls (bounds the mapped pages a process holds)."""
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("bipost's token store assumes a little-endian machine")
@@ -248,8 +253,8 @@ class StoreError(RuntimeError):
     """A store folder that is incomplete, damaged or of another layout."""
 
 
-def _map(path: Path, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A read-only array over ``path`` (no copy); a plain ndarray view, so slicing it is cheap."""
+def _map(path: Path, dtype: str, shape: tuple[int, ...], maps: list) -> np.ndarray:
+    """A read-only array over ``path`` (no copy); its ``mmap`` is appended to ``maps``."""
     expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     try:
         size = path.stat().st_size
@@ -259,7 +264,14 @@ def _map(path: Path, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
         raise StoreError(f"{path} has {size} bytes, the manifest says {expected}")
     if expected == 0:
         return np.zeros(shape, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=shape).view(np.ndarray)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mm, "madvise"):
+        # Training reads examples in random order: no read-ahead and no fault-around, so a
+        # process maps only the pages it touches.
+        mm.madvise(mmap.MADV_RANDOM)
+    maps.append(mm)
+    return np.frombuffer(mm, dtype=dtype).reshape(shape)
 
 
 class TokenStore:
@@ -284,16 +296,19 @@ class TokenStore:
         self.columns = [Column(c["name"], c["kind"], c["dtype"], tuple(c["trailing"])) for c in manifest["columns"]]
         if [(c.name, c.kind) for c in self.columns] != [(c.name, c.kind) for c in schema_of(self.cls)]:
             raise StoreError(f"{self.path}: its columns differ from {self.cls.__name__}'s fields")
+        self._maps: list[mmap.mmap] = []
+        self._reads = 0
         self.values: dict[str, np.ndarray] = {}
         self.offsets: dict[str, np.ndarray] = {}
         for c, spec in zip(self.columns, manifest["columns"]):
-            self.values[c.name] = _map(self.path / f"{c.name}.values", c.dtype, (spec["count"], *c.trailing))
+            self.values[c.name] = _map(self.path / f"{c.name}.values", c.dtype, (spec["count"], *c.trailing), self._maps)
             if c.kind != "scalar":
-                self.offsets[c.name] = _map(self.path / f"{c.name}.offsets", "int64", (self.n + 1,))
+                self.offsets[c.name] = _map(self.path / f"{c.name}.offsets", "int64", (self.n + 1,), self._maps)
                 if self.n and int(self.offsets[c.name][-1]) != spec["count"]:
                     raise StoreError(f"{self.path}: offsets of '{c.name}' do not end at its {spec['count']} values")
-        self.aux = {name: _map(self.path / f"_{name}.values", dtype, (self.n,)) for name, dtype in manifest["aux"].items()}
-        self.arrays = {name: _map(self.path / f"_{name}.values", a["dtype"], tuple(a["shape"]))
+        self.aux = {name: _map(self.path / f"_{name}.values", dtype, (self.n,), self._maps)
+                    for name, dtype in manifest["aux"].items()}
+        self.arrays = {name: _map(self.path / f"_{name}.values", a["dtype"], tuple(a["shape"]), self._maps)
                        for name, a in manifest["arrays"].items()}
         self._readers = [self._reader(c) for c in self.columns]
         self._names = [c.name for c in self.columns]
@@ -317,7 +332,19 @@ class TokenStore:
 
     def example(self, i: int) -> Any:
         """Example ``i`` (0 <= i < N): an instance of the store's example type over views of the maps."""
+        self._reads += 1
+        if self._reads % RELEASE_EVERY == 0:
+            self.release()
         return self.cls(**{name: read(i) for name, read in zip(self._names, self._readers)})
+
+    def release(self) -> None:
+        """Unmap the pages this process has touched (``MADV_DONTNEED``). They stay in the page cache,
+        shared with every process mapping the store, and are mapped again when read: the process's
+        RSS holds only its recent examples, not every page an epoch has touched. Arrays read before
+        stay valid."""
+        for mm in self._maps:
+            if hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_DONTNEED)
 
     def lengths(self, name: str) -> np.ndarray:
         """``int64 [N]``: the length of ragged field ``name`` in every example."""
