@@ -24,6 +24,30 @@ def test_lookup_is_chosen_then_rejected_by_content():
     assert cache.lookup([PrefExample(9, (4,), (5,), (6,))]).tolist() == [-3.0, -4.0]
 
 
+def test_fingerprint_is_unchanged_and_the_same_for_stored_examples():
+    """``data_fingerprint`` hashes, per id sequence, its length (4 bytes little-endian) and its ids
+    as int64 -- the bytes the tuple version hashed with ``array("q", ...)``, so caches written
+    before the token store stay valid. An example read from a store (uint16 numpy views) hashes
+    and looks up like the same tokens in tuples."""
+    import hashlib
+    from array import array
+
+    import numpy as np
+
+    from bipost.train.refcache import data_fingerprint
+
+    tuples = [PrefExample(0, (1, 500), (2,), (60000, 3)), PrefExample(1, (), (5,), (6,))]
+    old = hashlib.sha256()
+    for e in tuples:
+        for part in (e.prompt_ids, e.chosen_ids, e.rejected_ids):
+            old.update(len(part).to_bytes(4, "little") + array("q", part).tobytes())
+    arrays = [PrefExample(e.row_id, *(np.asarray(p, dtype=np.uint16) for p in (e.prompt_ids, e.chosen_ids,
+                                                                             e.rejected_ids))) for e in tuples]
+    assert data_fingerprint(tuples) == data_fingerprint(arrays) == old.hexdigest()
+    cache = ReferenceLogps.of(tuples, torch.tensor([[-1.0, -2.0], [-3.0, -4.0]]))
+    assert cache.lookup(arrays).tolist() == [-1.0, -3.0, -2.0, -4.0]
+
+
 def test_cached_training_equals_online_reference(tmp_path):
     """DPO through the loop: cached reference log-probs give the online run's losses (full
     fine-tuning: the reference is the policy's initial weights), packed and padded."""
