@@ -201,7 +201,7 @@ def worker_trl(ws: Path, kind: str, n: int, cache: Path, num_proc: int) -> dict:
     seconds = time.perf_counter() - t0
     after = _rss()
     train = trainer.train_dataset
-    cols = [c for c in ("input_ids", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids") if c in train.column_names]
+    cols = [c for c in ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids") if c in train.column_names]
     tokens = 0
     for c in cols:  # list lengths from the Arrow offsets, without materialising Python lists
         arr = train.data.column(c)
@@ -260,7 +260,7 @@ def main() -> None:
             cache = ws / f"cache-bipost-{kind}-{n}"
             shutil.rmtree(cache, ignore_errors=True)
             for phase in ("first", "cached"):
-                r = run_worker(["bipost", str(ws), kind, str(n), str(cache), str(args.num_proc), "200"])
+                r = run_worker(["bipost", str(ws), kind, str(n), str(cache), str(args.num_proc), "2000"])
                 results.append({**r, "n": n, "kind": kind, "phase": phase})
                 print(json.dumps(results[-1]), flush=True)
             if not args.no_trl:

@@ -53,6 +53,8 @@ class BuildSpec:
     example_type: type
     encode: RowEncoder
     max_len: int
+    token_dtype: str = "int32"
+    """The store's dtype of token ids (``store.token_dtype``)."""
 
 
 @dataclass
@@ -100,7 +102,7 @@ def process_chunk(spec: BuildSpec, chunk: Chunk, index0: int = 0, line0: int = 0
     order = np.argsort(np.asarray(skip_ids, dtype=np.int64), kind="stable")
     return ChunkResult(
         n_rows=len(rows), n_lines=n_lines,
-        columns=to_columns(schema_of(spec.example_type), examples),
+        columns=to_columns(schema_of(spec.example_type), examples, spec.token_dtype),
         truncated=np.asarray(cuts, dtype=bool),
         skip_ids=np.asarray(skip_ids, dtype=np.int64)[order], skip_reasons=[reasons[i] for i in order],
         skip_stage=(np.arange(len(skip_ids)) >= n_format).astype(np.int8)[order],
@@ -195,11 +197,11 @@ class _Pool:
         _SPEC = None
 
 
-def build_store(split: Split, spec: BuildSpec, folder: Path, token_dtype_name: str, max_samples: Optional[int],
-                num_proc: int, meta: dict) -> BuildInfo:
+def build_store(split: Split, spec: BuildSpec, folder: Path, max_samples: Optional[int], num_proc: int,
+                meta: dict) -> BuildInfo:
     """Write the store of ``split``'s first ``max_samples`` rows into the new folder ``folder``."""
     t0 = time.perf_counter()
-    writer = StoreWriter(folder, spec.example_type, token_dtype_name)
+    writer = StoreWriter(folder, spec.example_type, spec.token_dtype)
     numbering = Numbering()
     rows_done = 0
     skip_ids: list[np.ndarray] = []

@@ -168,10 +168,10 @@ def _store(cfg: DataConfig, kind: str, split: Split, cap: Optional[int], fmt: st
             if first is None:
                 raise DataError(f"data '{cfg.path}': split '{split.split}' has no rows")
         resolved = resolve_format(dataclasses.replace(cfg, format=fmt), first, kind)
-        spec = BuildSpec(cfg, resolved, policy, example_type, encode, cfg.max_len)
         tokenizer = policy.tokenizer
         vocab = max(len(tokenizer), 1 + max(tokenizer.get_vocab().values(), default=0))
-        infos.append(build_store(split, spec, folder, token_dtype(vocab), cap, cfg.num_proc or default_num_proc(),
+        spec = BuildSpec(cfg, resolved, policy, example_type, encode, cfg.max_len, token_dtype(vocab))
+        infos.append(build_store(split, spec, folder, cap, cfg.num_proc or default_num_proc(),
                                  meta={"key": fields, "format": resolved,
                                        "first_keys": sorted(first.data) if first is not None else None}))
 

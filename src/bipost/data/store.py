@@ -113,9 +113,10 @@ def _import_type(name: str) -> type:
 
 
 # ------------------------------------------------------------------------------ columns of a chunk
-def to_columns(columns: Sequence[Column], examples: Sequence[Any]) -> dict[str, tuple]:
+def to_columns(columns: Sequence[Column], examples: Sequence[Any], token: str | None = None) -> dict[str, tuple]:
     """Examples -> ``{field: (values, lengths)}`` for ragged/text fields and ``{field: (values,)}``
-    for scalars. Token fields come out as ``int64`` (the writer narrows them to the token dtype)."""
+    for scalars. Token fields come out as ``int64``, or checked and narrowed to dtype ``token``
+    (a worker narrows before sending its columns: a quarter of the bytes through the pipe)."""
     out: dict[str, tuple] = {}
     for col in columns:
         vals = [getattr(e, col.name) for e in examples]
@@ -134,8 +135,21 @@ def to_columns(columns: Sequence[Column], examples: Sequence[Any]) -> dict[str, 
                 trailing = next((p.shape[1:] for p in parts if len(p)), ())
                 parts = [p if len(p) else p.reshape(0, *trailing) for p in parts]
                 flat = np.concatenate(parts) if parts else np.zeros(0, dtype)
+            if col.dtype == "token" and token is not None:
+                flat = _narrow(col.name, flat, token)
             out[col.name] = (flat, lengths)
     return out
+
+
+def _narrow(name: str, values: np.ndarray, dtype: str) -> np.ndarray:
+    """Token ids as ``dtype``; a ``ValueError`` for an id it can't hold."""
+    if values.size and values.dtype != np.dtype(dtype):
+        info = np.iinfo(dtype)
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0 or hi > info.max:
+            raise ValueError(f"field '{name}': token id {hi if hi > info.max else lo} does not fit the "
+                             f"store's {dtype} (is the tokenizer's len() its real vocabulary size?)")
+    return values.astype(dtype, copy=False)
 
 
 # ------------------------------------------------------------------------------ writing
@@ -171,12 +185,8 @@ class StoreWriter:
         n = len(columns["row_id"][0])
         for i, col in enumerate(self.columns):
             values = columns[col.name][0]
-            if col.name in self._token_fields and values.size:
-                info = np.iinfo(col.dtype)
-                lo, hi = int(values.min()), int(values.max())
-                if lo < 0 or hi > info.max:
-                    raise ValueError(f"field '{col.name}': token id {hi if hi > info.max else lo} does not fit the "
-                                     f"store's {col.dtype} (is the tokenizer's len() its real vocabulary size?)")
+            if col.name in self._token_fields:
+                values = _narrow(col.name, values, col.dtype)
             if col.kind == "ragged" and values.ndim > 1:
                 trailing = tuple(values.shape[1:])
                 if self.n == 0 and not col.trailing:
