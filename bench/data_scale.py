@@ -6,11 +6,12 @@ prompts), for SFT (``prompt``/``completion``) and preference (``prompt``/``chose
 rows, each measured in its own fresh process:
 
 * bipost ``first``: ``load_objective_data`` into an empty ``data.cache_dir`` (tokenization);
-* bipost ``cached``: the same call again (a relaunch: key + memory maps), then 200 micro-batches
-  drawn through ``ExampleStream`` + collate, as a training process would;
+* bipost ``cached``: the same call again (a relaunch: key + memory maps);
 * TRL ``first``: ``datasets.load_dataset("json")`` + ``SFTTrainer`` / ``DPOTrainer`` construction
   (their tokenization through ``datasets.map``), empty HF datasets cache, same tokenizer and
   ``num_proc``; TRL ``cached``: the same again (datasets' fingerprint cache);
+* every process then draws :data:`DRAWS` micro-batches of 8 as training would (bipost:
+  ``ExampleStream`` + collate; TRL: its train dataloader and collator), before memory is read;
 * ``peak MiB``: the process's peak RSS; ``data MiB``: peak RSS minus the RSS right before the data
   was loaded (imports, tokenizer and, for TRL, a tiny model already in memory); ``B/token`` is that
   over the data's tokens (prompt + response for SFT; prompt + chosen + rejected for pairs).
@@ -40,6 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LEN = 1024
+DRAWS = 2000
+"""Micro-batches of 8 each measured process draws after loading (16,000 examples), as training would."""
 
 # log-normal character lengths (mean and std of log(chars)) and turn counts measured on HH-RLHF
 # harmless-base test (2,312 pairs): prompt median 362 chars, chosen 111, rejected 146.
@@ -176,7 +179,7 @@ def worker_bipost(ws: Path, kind: str, n: int, cache: Path, num_proc: int, draw:
             "draw_ms": 1000 * draw_s / max(draw, 1), "store_bytes": sum(p.stat().st_size for p in store.path.iterdir())}
 
 
-def worker_trl(ws: Path, kind: str, n: int, cache: Path, num_proc: int) -> dict:
+def worker_trl(ws: Path, kind: str, n: int, cache: Path, num_proc: int, draw: int) -> dict:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -199,6 +202,12 @@ def worker_trl(ws: Path, kind: str, n: int, cache: Path, num_proc: int) -> dict:
 
         trainer = DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=ds, processing_class=tok)
     seconds = time.perf_counter() - t0
+    loader = trainer.get_train_dataloader()  # as training draws them: sampler + TRL's collator
+    batches = iter(loader)
+    for _ in range(draw):
+        if next(batches, None) is None:  # a new epoch
+            batches = iter(loader)
+            next(batches)
     after = _rss()
     train = trainer.train_dataset
     cols = [c for c in ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids") if c in train.column_names]
@@ -238,7 +247,7 @@ def main() -> None:
         if what == "bipost":
             out = worker_bipost(Path(ws), kind, int(n), Path(cache), int(num_proc), int(sys.argv[8]))
         else:
-            out = worker_trl(Path(ws), kind, int(n), Path(cache), int(num_proc))
+            out = worker_trl(Path(ws), kind, int(n), Path(cache), int(num_proc), int(sys.argv[8]))
         print(json.dumps(out))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -260,14 +269,14 @@ def main() -> None:
             cache = ws / f"cache-bipost-{kind}-{n}"
             shutil.rmtree(cache, ignore_errors=True)
             for phase in ("first", "cached"):
-                r = run_worker(["bipost", str(ws), kind, str(n), str(cache), str(args.num_proc), "2000"])
+                r = run_worker(["bipost", str(ws), kind, str(n), str(cache), str(args.num_proc), str(DRAWS)])
                 results.append({**r, "n": n, "kind": kind, "phase": phase})
                 print(json.dumps(results[-1]), flush=True)
             if not args.no_trl:
                 tcache = ws / f"cache-trl-{kind}-{n}"
                 shutil.rmtree(tcache, ignore_errors=True)
                 for phase in ("first", "cached"):
-                    r = run_worker(["trl", str(ws), kind, str(n), str(tcache), str(args.num_proc)])
+                    r = run_worker(["trl", str(ws), kind, str(n), str(tcache), str(args.num_proc), str(DRAWS)])
                     results.append({**r, "n": n, "kind": kind, "phase": phase})
                     print(json.dumps(results[-1]), flush=True)
                 if not args.keep:
