@@ -5,8 +5,11 @@ Keep fixtures general-purpose; module-specific helpers belong in the test module
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -15,6 +18,12 @@ import pytest
 # Tests never reach the network: hub lookups fail fast instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Token stores (data.cache_dir's default) go to a fresh folder of this test session, never to the
+# user's ~/.cache; subprocesses (CLI, torchrun) inherit it. Tests that check building vs reusing
+# a store pass their own data.cache_dir.
+_CACHE_ROOT = tempfile.mkdtemp(prefix="bipost-test-cache-")
+os.environ["BIPOST_CACHE"] = _CACHE_ROOT
+atexit.register(shutil.rmtree, _CACHE_ROOT, ignore_errors=True)
 # The tiny test models gain nothing from a second thread, and on a shared 2-core machine a
 # descheduled OpenMP thread stalls every parallel region (steps got 10-30x slower under load).
 # Subprocesses (CLI, torchrun) inherit the variable.

@@ -20,7 +20,7 @@ def test_sft_input_output(write_jsonl, tiny_tokenizer, caplog):
         data = load_objective_data(DataConfig(path=str(path)), "sft", tiny_tokenizer)
     assert [e.row_id for e in data.train] == list(range(6))
     assert all(isinstance(e, SFTExample) for e in data.train)
-    assert data.eval == []
+    assert len(data.eval) == 0
     s = data.summary
     assert (s.format, s.rows_read, s.train_kept, s.eval_kept) == ("input_output", 6, 6, 0)
     assert str(s) in caplog.text
@@ -42,7 +42,7 @@ def test_row_ids_survive_skips_cap_and_hold_out(write_jsonl, tiny_tokenizer):
     assert not set(train_ids) & set(eval_ids)
     assert set(train_ids) | set(eval_ids) == set(range(16)) - {2, 5, 7}
     assert train_ids == sorted(train_ids) and eval_ids == sorted(eval_ids)
-    for e in data.train + data.eval:  # each example still carries its own row's text
+    for e in [*data.train, *data.eval]:  # each example still carries its own row's text
         expected = f"the answer is {e.row_id}"
         assert tiny_tokenizer.decode(e.response_ids[:-1]) == expected
     s = data.summary
@@ -129,8 +129,8 @@ def test_messages_with_chat_template(write_jsonl, tiny_tokenizer):
     data = load_objective_data(DataConfig(path=str(write_jsonl(rows))), "sft", tiny_tokenizer)
     e = data.train[0]
     eos, bos = tiny_tokenizer.eos_token_id, tiny_tokenizer.bos_token_id
-    assert e.response_ids.count(eos) == 1 and e.response_ids[-1] == eos
-    assert e.prompt_ids[0] == bos and e.prompt_ids.count(bos) == 1
+    assert list(e.response_ids).count(eos) == 1 and e.response_ids[-1] == eos
+    assert e.prompt_ids[0] == bos and list(e.prompt_ids).count(bos) == 1
     assert tiny_tokenizer.decode(e.response_ids) == "hello<eos>"
 
 

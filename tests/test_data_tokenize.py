@@ -113,3 +113,14 @@ def test_batch_counts_truncations_and_reports_skips(tok):
     assert len(out[1]) == 8
     assert out[2] == "empty response after tokenization"
     assert counts["truncated"] == 1
+
+
+def test_direct_backend_encoding_equals_the_tokenizer_call(tok):
+    """The policy calls a fast tokenizer's backend directly; the ids are those of ``tokenizer(...)``,
+    special-token text included, and the call path is used whenever the backend truncates."""
+    texts = ["User: hello\nAssistant: ", "<bos><|user|>hi<eos>", "", " the answer is 42 " * 30]
+    want = tok(texts, add_special_tokens=False)["input_ids"]
+    assert TokenPolicy.of(tok).encode(texts) == want
+    t = copy.deepcopy(tok)
+    t.backend_tokenizer.enable_truncation(3)
+    assert [len(ids) for ids in TokenPolicy.of(t).encode(texts)] == [len(ids) for ids in want]

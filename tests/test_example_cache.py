@@ -89,6 +89,30 @@ def test_every_rank_rebuilds_if_one_must(tmp_path):
     assert len(calls) == 2
 
 
+def test_fingerprint_is_unchanged_and_the_same_for_stored_examples():
+    """``data_fingerprint`` hashes, per id sequence, its length (4 bytes little-endian) and its ids
+    as int64 -- the bytes the tuple version hashed with ``array("q", ...)``, so caches written
+    before the token store stay valid. An example read from a store (uint16 numpy views) hashes
+    and looks up like the same tokens in tuples."""
+    import hashlib
+    from array import array
+
+    import numpy as np
+
+    from bipost.example_cache import data_fingerprint
+
+    tuples = [PrefExample(0, (1, 500), (2,), (60000, 3)), PrefExample(1, (), (5,), (6,))]
+    old = hashlib.sha256()
+    for e in tuples:
+        for part in (e.prompt_ids, e.chosen_ids, e.rejected_ids):
+            old.update(len(part).to_bytes(4, "little") + array("q", part).tobytes())
+    arrays = [PrefExample(e.row_id, *(np.asarray(p, dtype=np.uint16) for p in (e.prompt_ids, e.chosen_ids,
+                                                                             e.rejected_ids))) for e in tuples]
+    assert data_fingerprint(tuples, pref_content) == data_fingerprint(arrays, pref_content) == old.hexdigest()
+    cache = ExampleCache.of(tuples, pref_content, torch.arange(3), {"logps": torch.tensor([[-1.0, -2.0], [-3.0, -4.0]])})
+    assert cache.rows(arrays)["logps"].tolist() == [[-1.0, -2.0], [-3.0, -4.0]]
+
+
 def test_first_format_files_still_read(tmp_path):
     """A reference cache written before the shared mechanism ({"key", "meta", "logps" [N, 2]}, no
     offsets) is read as one row per example when its key matches."""

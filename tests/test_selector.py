@@ -20,8 +20,8 @@ from bipost.config import ObjectiveConfig, ScheduleConfig, SelectorConfig
 from bipost.configio import ConfigError, load_config
 from bipost.demo import data as D
 from bipost.schedules.bilevel import Bilevel
-from bipost.selector import SelectorWeights, filter_rows, read_weights, select_row_ids
 from bipost.run import build_trainer, train
+from bipost.selector import SelectorWeights, filter_rows, read_weights, select_row_ids, write_weights
 from bipost.train.metrics import read_metrics
 
 from helpers import config, workspace
@@ -172,7 +172,7 @@ def test_weights_are_keyed_by_original_row_id_and_order_free():
     torch.testing.assert_close(a.logits, b.logits)
     by_id = dict(zip(a.table()["row_id"], a.table()["weight"]))
     assert a.weights_of(torch.tensor([40, 7])).tolist() == pytest.approx([by_id[40], by_id[7]])
-    assert a.table()["rank"] == [1, 2, 3, 4] and by_id[40] == min(by_id.values())  # the highest loss
+    assert a.table()["rank"].tolist() == [1, 2, 3, 4] and by_id[40] == min(by_id.values())  # the highest loss
     with pytest.raises(KeyError, match=r"\[5\]"):
         a.weights_of(torch.tensor([3, 5]))
 
@@ -272,8 +272,9 @@ def test_selector_writes_weights_and_summary_every_epoch_and_at_the_end(sft_pipe
     for folder in (sel / "epoch-020", sel / "epoch-040", sel):
         parquet, _ = read_weights(folder / "weights.parquet")
         jsonl, _ = read_weights(folder / "weights.jsonl")
-        assert parquet == jsonl and list(parquet) == ["row_id", "logit", "weight", "rank"]
-        assert parquet["rank"] == list(range(1, 49))
+        assert {k: v.tolist() for k, v in parquet.items()} == {k: v.tolist() for k, v in jsonl.items()}
+        assert list(parquet) == ["row_id", "logit", "weight", "rank"]
+        assert parquet["rank"].tolist() == list(range(1, 49))
         assert (folder / "weights_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         summary = json.loads((folder / "summary.json").read_text())
         assert summary["bottom"][0]["row_id"] == parquet["row_id"][-1]
@@ -351,7 +352,7 @@ def test_selector_state_resumes_exactly(tmp_path):
     rest = resumed.train()
     assert rest.train_losses == full.train_losses[3:]
     again, _ = read_weights(tmp_path / "run" / "selector")
-    assert again == first  # logits, weights and ranks bit-identical
+    assert {k: v.tolist() for k, v in again.items()} == {k: v.tolist() for k, v in first.items()}  # bit-identical
 
 
 def test_rows_are_the_loss_units_under_accumulation(tmp_path):
@@ -365,7 +366,7 @@ def test_rows_are_the_loss_units_under_accumulation(tmp_path):
         assert a["sft_2"] == pytest.approx(b["sft_2"], rel=1e-5)
     wa, _ = read_weights(tmp_path / "big" / "selector")
     wb, _ = read_weights(tmp_path / "small" / "selector")
-    assert wa["row_id"] == wb["row_id"]
+    assert wa["row_id"].tolist() == wb["row_id"].tolist()
     torch.testing.assert_close(torch.tensor(wa["logit"]), torch.tensor(wb["logit"]), rtol=0, atol=1e-5)
 
 
@@ -485,3 +486,61 @@ if __name__ == "__main__":  # a rank of the two-rank test
     import sys
 
     _dist_worker(Path(sys.argv[1]), sys.argv[2:])
+
+
+def test_selector_state_and_outputs_at_a_million_rows(tmp_path):
+    """1 M rows with gaps in their ids (skipped rows): weights, an Adam step on a batch, ranks, the
+    table and a Parquet round trip, and the top-p selection, all as numpy/torch arrays (no Python
+    object per row). Hand-derived: with w = N softmax(z) and the step's objective
+    f = (1/B) sum_b w[r_b] l_b, df/dz_j = (1/B) sum_b N l_b s_{r_b} (1[j = r_b] - s_j). The batch is
+    ids 10, 20 (loss 0) and 30 (loss 5): row 30 gets N l s (1 - s)/B - s f > 0, every other row
+    (10 and 20 included, their loss being 0) exactly -s_j f. So row 30 ranks last and all others tie,
+    ranked by the lower row id: 7, 9, 10, 11, ..."""
+    import time
+
+    import numpy as np
+
+    from bipost.selector.filter import select_ids
+
+    t0 = time.perf_counter()
+    ids = np.arange(1_000_000, dtype=np.int64) * 2 + 1  # every other row was skipped
+    ids[:3] = [10, 20, 30]
+    sel = SelectorWeights(ids, SelectorConfig(lr=0.1), total_steps=4)
+    sel.step(torch.tensor([10, 20, 30]), torch.tensor([0.0, 0.0, 5.0]))
+    table = sel.table()
+    assert table["row_id"].dtype == np.int64 and len(table["row_id"]) == 1_000_000
+    assert table["row_id"][-1] == 30 and table["row_id"][:4].tolist() == [7, 9, 10, 11]
+    assert table["rank"][0] == 1 and table["rank"][-1] == 1_000_000
+    write_weights(table, tmp_path, ["parquet"], {"rows_read": 2_000_001})
+    back, meta = read_weights(tmp_path)
+    assert np.array_equal(back["row_id"], table["row_id"]) and np.array_equal(back["weight"], table["weight"])
+    kept = select_ids(back, top_p=0.5)
+    assert len(kept) == 500_000 and kept[:3].tolist() == [7, 9, 10] and 30 not in kept
+    assert time.perf_counter() - t0 < 5.0  # ~1 s here; a list-based version took ~15 s
+
+
+def test_filter_streams_chunk_by_chunk(tmp_path, monkeypatch):
+    """JSON lines read in chunks of a few rows still come out as the original lines, byte for byte
+    (CRLF and blank lines included, rows numbered across files); a hub split is written as JSON lines."""
+    import datasets
+
+    from bipost.data import sources
+
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 40)
+    monkeypatch.setattr(sources, "CHUNK_ROWS", 2)
+    folder = tmp_path / "d"
+    folder.mkdir()
+    lines = [json.dumps({"input": f"p{i}", "output": f"r{i}"}) for i in range(9)]
+    (folder / "train-a.jsonl").write_bytes(("\r\n".join(lines[:5]) + "\r\n\r\n").encode())
+    (folder / "train-b.jsonl").write_bytes(("\n".join(lines[5:])).encode())  # no final newline
+    weights = {i: float(i % 3) for i in range(9)}  # keep rows 2, 5, 8 (weight 2) and 1, 4 (weight 1)
+    res = filter_rows(weights, folder, tmp_path / "out", min_weight=1.0)
+    assert res.kept == 6 and res.files == [tmp_path / "out" / "train-a.jsonl", tmp_path / "out" / "train-b.jsonl"]
+    assert (tmp_path / "out" / "train-a.jsonl").read_bytes() == (lines[1] + "\r\n" + lines[2] + "\r\n" + lines[4]
+                                                                 + "\r\n").encode()
+    assert (tmp_path / "out" / "train-b.jsonl").read_bytes() == (lines[5] + "\n" + lines[7] + "\n" + lines[8]).encode()
+
+    rows = [{"input": f"p{i}", "output": f"r{i}"} for i in range(5)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list(rows))
+    filter_rows({0: 0.1, 1: 3.0, 2: 2.0, 3: 0.2, 4: 1.0}, "someone/data", tmp_path / "hub.jsonl", top_k=3)
+    assert (tmp_path / "hub.jsonl").read_text() == "".join(json.dumps(rows[i]) + "\n" for i in (1, 2, 4))

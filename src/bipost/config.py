@@ -52,6 +52,10 @@ class DataConfig:
     """Longest sequence in tokens (prompt + response + EOS). Responses are truncated to fit, the prompt is kept; a row with no room left for a response is skipped."""
     seed: int = 0
     """Seed of the held-out eval split."""
+    cache_dir: Optional[str] = None
+    """Folder of the tokenized data (memory-mapped token stores, reused by every run on the same inputs); default ``$BIPOST_CACHE/data``, else ``~/.cache/bipost/data``. Safe to delete while no run uses it."""
+    num_proc: Optional[int] = None
+    """Processes that tokenize a data set being cached for the first time; default: the usable cores, at most 8."""
 
 
 @dataclass

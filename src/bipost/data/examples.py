@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from bipost.data.collate import collate_pref, collate_sft
+from bipost.data.formats import format_row
 from bipost.data.packing import pack_pref, pack_sft
-from bipost.data.tokenize import encode_pref_batch, encode_sft_batch
+from bipost.data.tokenize import encode_pref_rows, encode_sft_rows
 from bipost.data.types import PrefExample, SFTExample
 
 
@@ -26,17 +27,21 @@ class ExampleType:
 
     name: str
     example: type
-    """The example dataclass (``row_id`` plus token-id fields)."""
+    """The example dataclass: ``row_id`` plus fields the token store keeps (``data/types.py``)."""
     formats: tuple[str, ...]
     """Row formats (``data.format``) that produce it; ``auto`` prefers them in this order."""
     needs: str
     """What the formats are, for error messages."""
     encode: Callable
-    """``(items, tokenizer, max_len, counts) -> [example | skip reason]`` (``data.tokenize``)."""
+    """``(items, tokenizer, max_len) -> [(example | skip reason, truncated)]``, an item being
+    ``(row_id, *text parts)`` (``data.tokenize``; runs in the store builder's workers)."""
     collate: Callable[[Sequence, int], dict]
     """Padded micro-batch of examples, given the pad id (``data.collate``)."""
     pack: Callable[[Sequence], dict]
     """Packed (padding-free) micro-batch (``data.packing``)."""
+    format_row: Callable = format_row
+    """``(row, fmt, cfg, tokenizer) -> text parts | skip reason``: a raw row in one of ``formats`` as
+    the text parts ``encode`` takes (``data.formats``). A kind with a format of its own passes its own."""
 
     def collate_fn(self, pad_id: int, packing: bool) -> Callable[[list], dict]:
         """The micro-batch collate of a stream: packed rows or padded batches."""
@@ -46,9 +51,9 @@ class ExampleType:
 
 
 SFT = ExampleType("sft", SFTExample, ("input_output", "prompt_completion", "messages"),
-                  "an SFT format (input_output, prompt_completion, messages)", encode_sft_batch, collate_sft, pack_sft)
+                  "an SFT format (input_output, prompt_completion, messages)", encode_sft_rows, collate_sft, pack_sft)
 PREF = ExampleType("pref", PrefExample, ("preference",), "a preference format (chosen/rejected)",
-                   encode_pref_batch, collate_pref, pack_pref)
+                   encode_pref_rows, collate_pref, pack_pref)
 
 EXAMPLE_TYPES = {t.name: t for t in (SFT, PREF)}
 

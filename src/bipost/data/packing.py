@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from bipost.data.types import PrefExample, SFTExample
@@ -95,93 +96,89 @@ def _cumsum32(lens: torch.Tensor) -> torch.Tensor:
 
 
 def _targets(start: int, prompt_len: int, response: Sequence[int], seq: int,
-             first_pos: int | None = None) -> tuple[list[int], list[int], list[int]]:
-    """Positions predicting ``response`` laid out at ``start + prompt_len``; the first response
-    token is predicted from ``first_pos`` (default: the position just before it)."""
-    index, target = [], []
-    for j, tok in enumerate(response):
-        pos = start + prompt_len + j - 1
-        if j == 0:
-            if prompt_len == 0:
-                continue  # a sequence's first token is never predicted (as with padded labels)
-            pos = start + prompt_len - 1 if first_pos is None else first_pos
-        index.append(pos)
-        target.append(tok)
-    return index, target, [seq] * len(index)
+             first_pos: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(index, target, seq)``: the positions predicting ``response`` laid out at
+    ``start + prompt_len`` and the tokens they predict; the first response token is predicted from
+    ``first_pos`` (default: the position just before it)."""
+    target = np.asarray(response, dtype=np.int64)
+    index = np.arange(start + prompt_len - 1, start + prompt_len - 1 + len(target), dtype=np.int64)
+    if prompt_len == 0:  # a sequence's first token is never predicted (as with padded labels)
+        return index[1:], target[1:], seq
+    if first_pos is not None and len(index):
+        index[0] = first_pos
+    return index, target, seq
 
 
-def _finish(ids: list[int], pos: list[int], segments, index, target, seq, row_ids) -> dict:
-    order = sorted(range(len(seq)), key=lambda k: (seq[k], index[k]))
-    return {
-        "input_ids": torch.tensor([ids], dtype=torch.long),
-        "position_ids": torch.tensor([pos], dtype=torch.long),
-        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-        "packed_layout": PackedLayout(segments),
-        "logp_index": torch.tensor([index[k] for k in order], dtype=torch.long),
-        "logp_target": torch.tensor([target[k] for k in order], dtype=torch.long),
-        "logp_seq": torch.tensor([seq[k] for k in order], dtype=torch.long),
-        "row_ids": torch.tensor(row_ids, dtype=torch.long),
-    }
+class _Row:
+    """One packed row being laid out: token parts, position parts, segments and loss targets."""
+
+    def __init__(self) -> None:
+        self.length = 0
+        self.ids: list = []
+        self.pos: list[np.ndarray] = []
+        self.segments: list[tuple[int, int, int, int]] = []
+        self.targets: list[tuple[np.ndarray, np.ndarray, int]] = []
+
+    def add(self, parts: Sequence[Sequence[int]], first_pos: int, prefix: tuple[int, int] = (0, 0)) -> int:
+        """Lay ``parts`` out as one segment whose position ids start at ``first_pos``; its start."""
+        start = self.length
+        n = sum(len(p) for p in parts)
+        self.ids += parts
+        self.pos.append(np.arange(first_pos, first_pos + n, dtype=np.int64))
+        self.segments.append((start, start + n, *prefix))
+        self.length += n
+        return start
+
+    def finish(self, row_ids: list[int]) -> dict:
+        # Targets were added sequence by sequence with positions ascending: already in the
+        # (sequence, position) order the module docstring promises.
+        ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in self.ids])
+        index = np.concatenate([t[0] for t in self.targets])
+        target = np.concatenate([t[1] for t in self.targets])
+        seq = np.concatenate([np.full(len(t[0]), t[2], dtype=np.int64) for t in self.targets])
+        return {
+            "input_ids": torch.from_numpy(ids)[None],
+            "position_ids": torch.from_numpy(np.concatenate(self.pos))[None],
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "packed_layout": PackedLayout(self.segments),
+            "logp_index": torch.from_numpy(index),
+            "logp_target": torch.from_numpy(target),
+            "logp_seq": torch.from_numpy(seq),
+            "row_ids": torch.tensor(row_ids, dtype=torch.long),
+        }
 
 
 def pack_sft(examples: Sequence[SFTExample]) -> dict:
     """One packed row of SFT examples (see the module docstring)."""
     if not examples:
         raise ValueError("pack_sft: empty batch")
-    ids: list[int] = []
-    pos: list[int] = []
-    segments = []
-    index: list[int] = []
-    target: list[int] = []
-    seq: list[int] = []
+    row = _Row()
     for i, e in enumerate(examples):
-        start, n = len(ids), len(e)
-        ids += e.prompt_ids + e.response_ids
-        pos += range(n)
-        segments.append((start, start + n, 0, 0))
-        a, b, c = _targets(start, len(e.prompt_ids), e.response_ids, i)
-        index += a
-        target += b
-        seq += c
-    return _finish(ids, pos, segments, index, target, seq, [e.row_id for e in examples])
+        start = row.add([e.prompt_ids, e.response_ids], 0)
+        row.targets.append(_targets(start, len(e.prompt_ids), e.response_ids, i))
+    return row.finish([e.row_id for e in examples])
 
 
 def pack_pref(examples: Sequence[PrefExample]) -> dict:
     """One packed row of preference pairs with each shared prompt laid out once."""
     if not examples:
         raise ValueError("pack_pref: empty batch")
-    if any(not e.prompt_ids for e in examples):
+    if any(not len(e.prompt_ids) for e in examples):
         return _unshared_pref(examples)  # nothing to share; and every segment below has a prefix
     n = len(examples)
-    ids: list[int] = []
-    pos: list[int] = []
-    segments = []
-    index: list[int] = []
-    target: list[int] = []
-    seq: list[int] = []
+    row = _Row()
     prompt_at: list[int] = []
     for i, e in enumerate(examples):  # prompt + chosen
-        start, p = len(ids), len(e.prompt_ids)
-        ids += e.prompt_ids + e.chosen_ids
-        pos += range(p + len(e.chosen_ids))
-        segments.append((start, len(ids), 0, 0))
+        start = row.add([e.prompt_ids, e.chosen_ids], 0)
         prompt_at.append(start)
-        a, b, c = _targets(start, p, e.chosen_ids, i)
-        index += a
-        target += b
-        seq += c
+        row.targets.append(_targets(start, len(e.prompt_ids), e.chosen_ids, i))
     for i, e in enumerate(examples):  # rejected, attending to its prompt
-        start, p = len(ids), len(e.prompt_ids)
-        ids += e.rejected_ids
-        pos += range(p, p + len(e.rejected_ids))
-        segments.append((start, len(ids), prompt_at[i], prompt_at[i] + p))
+        p = len(e.prompt_ids)
+        start = row.add([e.rejected_ids], p, prefix=(prompt_at[i], prompt_at[i] + p))
         # r[0] is predicted by the prompt's last position (inside the chosen segment), r[j] by
         # the rejected position before it.
-        a, b, c = _targets(start - p, p, e.rejected_ids, n + i, first_pos=prompt_at[i] + p - 1)
-        index += a
-        target += b
-        seq += c
-    return _finish(ids, pos, segments, index, target, seq, [e.row_id for e in examples])
+        row.targets.append(_targets(start - p, p, e.rejected_ids, n + i, first_pos=prompt_at[i] + p - 1))
+    return row.finish([e.row_id for e in examples])
 
 
 def _unshared_pref(examples: Sequence[PrefExample]) -> dict:

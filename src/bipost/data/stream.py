@@ -56,7 +56,7 @@ class ExampleStream:
         self.shuffle = shuffle
         self.consumed = 0
         """Micro-batches this rank has taken (the same count on every rank)."""
-        self._perms: dict[int, list[int]] = {}
+        self._perms: dict[int, Any] = {}  # epoch -> int64 numpy permutation (8 bytes a row, no Python ints)
         self._perm_lock = threading.Lock()  # the collate thread computes indices too
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
@@ -67,19 +67,19 @@ class ExampleStream:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def _perm(self, epoch: int) -> list[int]:
+    def _perm(self, epoch: int):
         with self._perm_lock:
             return self._perm_locked(epoch)
 
-    def _perm_locked(self, epoch: int) -> list[int]:
+    def _perm_locked(self, epoch: int):
         perm = self._perms.get(epoch)
         if perm is None:
             n = len(self.examples)
             if self.shuffle:
                 g = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + epoch)
-                perm = torch.randperm(n, generator=g).tolist()
+                perm = torch.randperm(n, generator=g).numpy()
             else:
-                perm = list(range(n))
+                perm = range(n)
             # A micro-batch spans at most a few passes (mbs may exceed N): keep only recent ones.
             for old in [e for e in self._perms if e < epoch - 2]:
                 del self._perms[old]
@@ -90,7 +90,7 @@ class ExampleStream:
         """Example indices of micro-batch ``k`` on this rank."""
         n, mbs = len(self.examples), self.micro_batch_size
         start = (k * self.world_size + self.rank) * mbs
-        return [self._perm(pos // n)[pos % n] for pos in range(start, start + mbs)]
+        return [int(self._perm(pos // n)[pos % n]) for pos in range(start, start + mbs)]
 
     def batch(self, k: int) -> dict:
         """Micro-batch ``k`` of this rank, collated (in the calling thread)."""

@@ -18,6 +18,7 @@ Per optimizer step, for the lower-level objective (``selector.objective``):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from bipost.config import SelectorConfig
@@ -43,10 +44,10 @@ class SelectorHook(StepHook):
             raise ValueError(f"selector.objective {self.cfg.objective!r} is not one of {list(ctx.objectives)}")
         self.name = self.cfg.objective
         self.run = ctx.objectives[self.name]
-        self.weights = SelectorWeights([e.row_id for e in self.run.train], self.cfg, ctx.max_steps)
+        self.weights = SelectorWeights(_row_ids(self.run.train), self.cfg, ctx.max_steps)
         self.per_pass = self.run.steps_per_pass
         self.dir = ctx.output_dir / self.cfg.name
-        self._examples: dict | None = None
+        self._order: np.ndarray | None = None
 
     @property
     def comm(self):
@@ -124,9 +125,11 @@ class SelectorHook(StepHook):
 
     def text_of(self, row_id: int) -> dict[str, str]:
         """A row's text as the model saw it (decoded tokens)."""
-        if self._examples is None:
-            self._examples = {e.row_id: e for e in self.run.train}
-        e = self._examples[row_id]
+        ids = _row_ids(self.run.train)
+        if self._order is None:
+            self._order = np.argsort(ids, kind="stable")
+        at = self._order[np.searchsorted(ids, row_id, sorter=self._order)]
+        e = self.run.train[int(at)]
         dec = self.ctx.decode
         if hasattr(e, "chosen_ids"):
             return {"prompt": dec(e.prompt_ids), "chosen": dec(e.chosen_ids), "rejected": dec(e.rejected_ids)}
@@ -149,3 +152,9 @@ class SelectorHook(StepHook):
 
     def load_state_dict(self, state: dict) -> None:
         self.weights.load_state_dict(state["weights"])
+
+
+def _row_ids(examples) -> np.ndarray:
+    """The examples' row ids: the store view's array, without a Python object per row."""
+    ids = getattr(examples, "row_ids", None)
+    return np.asarray(ids if ids is not None else [e.row_id for e in examples], dtype=np.int64)
