@@ -21,6 +21,8 @@ def workspace() -> Path:
     D.write_jsonl(root / "sft.jsonl", sft)
     D.write_jsonl(root / "copy.jsonl", copy)
     D.write_jsonl(root / "pref.jsonl", pref)
+    D.write_jsonl(root / "grpo.jsonl", [{"prompt": f"User: {r['input']}\nAssistant: ", "answer": r["output"]}
+                                        for r in copy[:32]])
     save_tiny(root / "model", D.corpus([sft, copy, pref]), vocab_size=200, hidden_size=32, num_heads=2)
     save_tiny(root / "teacher", D.corpus([sft, copy, pref]), vocab_size=200, hidden_size=32, num_heads=2, seed=7)
     return root
@@ -29,7 +31,7 @@ def workspace() -> Path:
 def config(out: Path, *overrides: str, kinds: tuple[str, ...] = ("sft",)):
     """A run config on the tiny workspace; ``kinds`` lists the objectives in order."""
     ws = workspace()
-    data = {"sft": ws / "sft.jsonl", "dpo": ws / "pref.jsonl", "kd": ws / "copy.jsonl"}
+    data = {"sft": ws / "sft.jsonl", "dpo": ws / "pref.jsonl", "kd": ws / "copy.jsonl", "grpo": ws / "grpo.jsonl"}
     base = [f"model.path={ws / 'model'}", f"train.output_dir={out}", "train.progress=false",
             "train.max_steps=4", "train.batch_size=8", "train.micro_batch_size=8",
             "optim.lr=1e-3"]
@@ -38,6 +40,8 @@ def config(out: Path, *overrides: str, kinds: tuple[str, ...] = ("sft",)):
                  f"objectives.{i}.data.max_len=64"]
         if k == "kd":
             base.append(f"objectives.{i}.teacher={ws / 'teacher'}")
+        if k == "grpo":
+            base += grpo_fields(i)
     if len(kinds) > 1:
         base.append("schedule.name=mix")
     return load_config(overrides=base + list(overrides))
@@ -50,3 +54,28 @@ def objective(kind: str, opts=None, packing: bool = False, frozen=None, **fields
     from bipost.modeling.forward import Forward
 
     return make_objective(kind, Forward(opts), packing, frozen, **fields)
+
+
+def grpo_fields(i: int) -> list[str]:
+    """A small grpo objective ``i`` on the workspace's copy prompts: 4 completions of 6 tokens each,
+    scored by exact match with the answer and :func:`letter_reward` (dense, so groups differ)."""
+    return [f"objectives.{i}.num_generations=4", f"objectives.{i}.max_new_tokens=6",
+            f"objectives.{i}.data.max_len=32",
+            f"objectives.{i}.rewards.0.function=exact_match", f"objectives.{i}.rewards.0.args.column=answer",
+            f"objectives.{i}.rewards.1.function=helpers:letter_reward", f"objectives.{i}.rewards.1.weight=0.5"]
+
+
+def letter_reward(prompts, completions, **columns):
+    """A dense test reward: the fraction of a completion's characters that are task letters or
+    spaces (a random model's samples differ in it, so every group has a signal)."""
+    return [sum(ch in D.LETTERS + " " for ch in c) / max(len(c), 1) for c in completions]
+
+
+def failing_reward(prompts, completions, **columns):
+    """A reward function that fails (on rank ``FAIL_RANK`` only, when that variable is set)."""
+    import os
+
+    rank = os.environ.get("FAIL_RANK")
+    if rank is None or os.environ.get("RANK", "0") == rank:
+        return [1.0 / 0 for _ in completions]
+    return [0.0 for _ in completions]

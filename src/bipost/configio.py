@@ -85,7 +85,12 @@ def from_dict(cls, data: dict, where: str = ""):
             f"unknown field(s) {sorted(unknown)} in {where or cls.__name__}; valid: {sorted(names)}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a dataclass that validates itself (e.g. a reward function's spec)
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
 
 
 def objective_from_dict(data: dict, where: str) -> C.ObjectiveConfig:

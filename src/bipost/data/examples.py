@@ -12,7 +12,7 @@ switches on objective kinds. Two types exist:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from bipost.data.collate import collate_pref, collate_sft
 from bipost.data.formats import format_row
@@ -42,6 +42,9 @@ class ExampleType:
     format_row: Callable = format_row
     """``(row, fmt, cfg, tokenizer) -> text parts | skip reason``: a raw row in one of ``formats`` as
     the text parts ``encode`` takes (``data.formats``). A kind with a format of its own passes its own."""
+    detect: Optional[Callable] = None
+    """``(keys, cfg) -> format | None``: what ``data.format: auto`` picks from the first row's keys, for
+    a type with formats of its own (consulted before the built-in rules of ``formats.detect_format``)."""
 
     def collate_fn(self, pad_id: int, packing: bool) -> Callable[[list], dict]:
         """The micro-batch collate of a stream: packed rows or padded batches."""

@@ -107,7 +107,8 @@ def resolve_format(cfg: DataConfig, first_row: Optional[Row], examples, name: st
     if fmt == "auto":
         if first_row is None:
             raise DataError(f"'{name}': no rows, so the format can't be detected")
-        fmt = detect_format(first_row.data.keys(), cfg, accepted)
+        fmt = (etype.detect(first_row.data.keys(), cfg) if etype.detect else None) \
+            or detect_format(first_row.data.keys(), cfg, accepted)
         if fmt is None:
             raise DataError(
                 f"'{name}': can't detect the data format from the first row's keys "
@@ -117,8 +118,9 @@ def resolve_format(cfg: DataConfig, first_row: Optional[Row], examples, name: st
                 f"'{cfg.input_key}'+'{cfg.output_key}' (input_output); set data.format and the *_key fields"
             )
         logger.info("data '%s': format auto-detected as '%s' (from keys %s)", name, fmt, sorted(first_row.data))
-    elif fmt not in FORMATS:
-        raise DataError(f"unknown data format '{fmt}' (expected auto or one of {list(FORMATS)})")
+    elif fmt not in FORMATS and fmt not in accepted:  # a type may bring formats of its own
+        raise DataError(f"unknown data format '{fmt}' (expected auto or one of {list(FORMATS)}, or for "
+                        f"{who}: {list(accepted)})")
     if fmt not in accepted:
         raise DataError(f"'{name}': {who} needs {etype.needs}, but the data format is '{fmt}'")
     return fmt

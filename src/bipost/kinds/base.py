@@ -92,6 +92,8 @@ class Objective:
     """The config field the seeds' ``--ref_model`` fills (``reference``, ``teacher``), if any."""
     seed_model_required: ClassVar[bool] = False
     """Whether the seeds' ``--ref_model`` must be given for this kind."""
+    measure_name: ClassVar[str] = "loss"
+    """What :meth:`measure` is, in plots and tables (``held-out <name> loss``); GRPO: ``-reward``."""
 
     def __init__(self, cfg: ObjectiveConfig, forward: Forward | None = None, packing: bool = False):
         self.cfg = cfg
@@ -134,6 +136,13 @@ class Objective:
         return float(units.sum())
 
     # ---------------------------------------------------------------- the step
+    def batches_to_draw(self, count: int) -> int:
+        """How many of the step's ``count`` micro-batches to draw from this objective's stream: all of
+        them, except for an objective that trains this step on batches it kept from an earlier step
+        (GRPO reusing a generation, ``num_iterations > 1``), which draws none, so that its stream
+        stays where it is. Every rank must return the same number."""
+        return count
+
     def prepare(self, model, batches: list[dict], step: StepContext) -> list[dict]:
         """The step's micro-batches as the loss takes them, before units are counted. Most kinds
         train on the drawn batches as they are; a kind whose batches depend on the current model

@@ -192,12 +192,17 @@ class Forward:
         return (hidden.reshape(-1, hidden.shape[-1])[pos.index], self.head(model),
                 self.chunk_size(self.access.head_rows(model)))
 
-    def token_logprobs(self, model, batch: dict, pos: Positions) -> torch.Tensor:
-        """Log-prob ``[M]`` (fp32) of every response token of the batch under ``model``."""
+    def token_logprobs(self, model, batch: dict, pos: Positions, temperature: float = 1.0) -> torch.Tensor:
+        """Log-prob ``[M]`` (fp32) of every response token of the batch under ``model``; with
+        ``temperature`` T, under ``softmax(logits / T)`` (what sampling at T draws from: an online
+        objective's policy). A linear head's ``h W^T + b`` over T is ``(h / T) W^T + b / T``, so
+        the chunked paths scale their inputs and never hold the logits."""
         mode = self.mode(model, batch["input_ids"].device)
         if mode == "plain":
             logits = forward_logits(model, batch)
             flat = logits.reshape(-1, logits.shape[-1])[pos.index].float()
+            if temperature != 1.0:
+                flat = flat / temperature
             return flat.gather(1, pos.target[:, None]).squeeze(1) - torch.logsumexp(flat, dim=-1)
         hidden = forward_hidden(model, batch)
         h = hidden.reshape(-1, hidden.shape[-1])[pos.index]
@@ -205,7 +210,11 @@ class Forward:
         bias = getattr(head, "bias", None)
         chunk = self.chunk_size(weight.shape[0])
         if not isinstance(head, torch.nn.Linear):  # e.g. a LoRA-adapted lm_head
-            return module_token_logprobs(h, head, pos.target, chunk)
+            scaled = head if temperature == 1.0 else (lambda x: head(x) / temperature)
+            return module_token_logprobs(h, scaled, pos.target, chunk)
+        if temperature != 1.0:
+            h = h / temperature
+            bias = None if bias is None else bias / temperature
         if mode == "liger":
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 

@@ -20,7 +20,8 @@ Reduction contract (read this before writing an objective):
   weights (:meth:`ObjectiveOutput.weighted`); objectives never see them.
 * ``losses / units`` is the per-example mean (e.g. the sequence-mean NLL the selector uses).
 * ``metrics`` are detached per-example tensors ``[B]``; the loop averages them over all
-  examples of the step on all ranks.
+  examples of the step on all ranks. NaN marks an example a metric does not apply to (it is left
+  out of that average).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class ObjectiveOutput:
     units: torch.Tensor
     """Per-example unit count (tokens for SFT/KD, 1 for DPO), shape ``[B]``, float, no grad."""
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Detached per-example metrics, each of shape ``[B]``."""
+    """Detached per-example metrics, each of shape ``[B]`` (NaN where one does not apply to an example)."""
 
     def weighted(self, weights: torch.Tensor) -> "ObjectiveOutput":
         """Each example counted ``weights[i]`` times: losses and units scaled, metrics unchanged."""

@@ -256,17 +256,31 @@ def run_compare(cfg: RunConfig, out: str | Path, methods: Sequence[str] | None =
         title = (f"Loss space: {' + '.join(names)} (λ: {_lambdas_text(base)})\n"
                  f"held-out losses every {base.train.eval_steps} of {budget} steps; arrows point the way training went")
         plot_trajectories({r.method: r.eval_history for r in results}, names, plot, f_star, labels, title,
-                          marks={"sequential": _stage_marks(base, budget)})
+                          marks={"sequential": _stage_marks(base, budget)}, axis_label=_axis_label(base))
         if pair and measures_plot:
             plot_trajectories({r.method: r.eval_history for r in results}, pair, measures_plot, labels=labels,
                               title=_measures_title(pair, budget), axis_label=measure_label)
-        table_md.write_text(_header(_lambdas_text(base), budget, f_star, ideal) + "\n" + markdown(rows, names))
+        table_md.write_text(_header(_lambdas_text(base), budget, f_star, ideal) + "\n"
+                            + markdown(rows, names, measured_as(base)))
         write_json(table_json, {"objectives": names, "weights": {o.name: o.weight for o in base.objectives},
                                 "budget_steps": budget, "ideal": f_star,
                                 "measures": measure_keys([r.final for r in results]), "measures_plotted": pair,
                                 "rows": rows, "runs": [r.to_json() for r in results],
                                 "ideal_runs": [r.to_json() for r in ideal_runs]})
     return Comparison(names, budget, results, f_star, ideal_runs, plot, table_md, table_json, rows, measures_plot)
+
+
+def measured_as(cfg: RunConfig) -> dict[str, str]:
+    """Objective -> what its held-out value is: ``loss``, or e.g. ``-reward`` for an online objective
+    (``Objective.measure_name``: lower is better for every kind)."""
+    from bipost.kinds import get_kind
+
+    return {o.name: get_kind(o.kind).measure_name for o in cfg.objectives}  # type: ignore[misc]
+
+
+def _axis_label(cfg: RunConfig, prefix: str = ""):
+    names, measured = [o.name for o in cfg.objectives], measured_as(cfg)
+    return lambda n: f"{prefix}held-out {n} {measured[n]}  (f_{names.index(n) + 1})"
 
 
 def _stage_marks(cfg: RunConfig, budget: int) -> list[tuple[int, str]]:
@@ -341,7 +355,7 @@ def run_sweep(cfg: RunConfig, lambdas: Sequence[float], out: str | Path, methods
     measures_plot = out / "sweep_measures.png" if pair else None
     if is_main():
         fronts: dict[str, list] = {m: [(r.lam, r.final) for r in results if r.method == m] for m in chosen}
-        plot_fronts(fronts, names, plot, f_star,
+        plot_fronts(fronts, names, plot, f_star, axis_label=_axis_label(base, "final "),
                     title=f"Trade-off fronts: {' + '.join(names)}\nfinal held-out losses after {budget} steps, "
                           f"one point per λ")
         if pair and measures_plot:
@@ -349,7 +363,7 @@ def run_sweep(cfg: RunConfig, lambdas: Sequence[float], out: str | Path, methods
                         title=f"{measure_label(pair[0])} vs {measure_label(pair[1])}\nat the last evaluation "
                               f"after {budget} steps, one point per λ")
         table_md.write_text(_header(f"{list(lambdas)} (weight of {names[0]})", budget, f_star, ideal)
-                            + "\n" + markdown(rows, names))
+                            + "\n" + markdown(rows, names, measured_as(base)))
         write_json(table_json, {"objectives": names, "budget_steps": budget, "lambdas": list(lambdas),
                                 "ideal": f_star, "measures": measure_keys([r.final for r in results]),
                                 "measures_plotted": pair, "rows": rows, "runs": [r.to_json() for r in results],

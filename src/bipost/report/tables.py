@@ -95,12 +95,15 @@ def _fmt(value: Any, kind: str) -> str:
     return str(value)
 
 
-def markdown(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> str:
-    """A Markdown table of ``comparison_rows`` output."""
+def markdown(rows: Sequence[Mapping[str, Any]], names: Sequence[str],
+             measured: Mapping[str, str] | None = None) -> str:
+    """A Markdown table of ``comparison_rows`` output; ``measured``: objective -> what its held-out
+    value is (``loss``, the default; ``-reward`` for grpo: ``Objective.measure_name``)."""
+    measured = measured or {}
     cols: list[tuple[str, str, str]] = [("method", "method", "str")]
     if rows and "lambda" in rows[0]:
         cols.append(("lambda", f"λ ({names[0]})", "str"))
-    cols += [(f"f_{n}", f"final {n} loss", "loss") for n in names]
+    cols += [(f"f_{n}", f"final {n} {measured.get(n, 'loss')}", "loss") for n in names]
     cols.append(("distance_to_ideal", "distance to ideal", "loss"))
     cols += [(k, measure_label(k), "score") for k in measure_keys(rows)]
     cols += [("steps_ran", "steps (" + " / ".join(names) + ")", "str"),

@@ -197,8 +197,8 @@ class Trainer:
 
     def draw(self, plan: StepPlan) -> dict[str, list[dict]]:
         """The step's micro-batches of every objective the plan runs (in the plan's order)."""
-        return {n: [self.runs[n].stream.next()
-                    for _ in range(plan.micro_batches[n] if plan.micro_batches else self.runs[n].accum)]
+        return {n: [self.runs[n].stream.next() for _ in range(self.runs[n].objective.batches_to_draw(
+                    plan.micro_batches[n] if plan.micro_batches else self.runs[n].accum))]
                 for n, w in plan.weights.items() if w > 0}
 
     def prepare(self, step: int, batches: dict[str, list[dict]]) -> dict[str, list[dict]]:

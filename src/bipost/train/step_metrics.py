@@ -9,6 +9,7 @@ It runs before the optimizer step, so the step can be skipped when a global loss
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ class StepSums:
     losses: dict[str, float]
     """Objective -> its loss sum over its global units."""
     metrics: dict[str, float]
-    """``<objective>/<metric>`` -> its mean over the step's examples."""
+    """``<objective>/<metric>`` -> its mean over the step's examples that have it (not NaN); NaN when none has."""
     tokens: int
     flags: dict[str, float]
     """Each flag summed over ranks."""
@@ -47,8 +48,11 @@ class StepMetrics:
         self.loss[name] = self.loss[name] + loss if name in self.loss else loss
         for k, v in out.metrics.items():
             key = f"{name}/{k}"
-            pair = torch.stack([v.detach().double().sum(),
-                                torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device)]).to(self.device)
+            v = v.detach().double()
+            # NaN: the metric does not apply to that example (e.g. a reward function that returned
+            # None for it); it is left out of the mean, without a host sync.
+            present = ~torch.isnan(v)
+            pair = torch.stack([torch.where(present, v, 0.0).sum(), present.sum().double()]).to(self.device)
             self.metrics[key] = self.metrics[key] + pair if key in self.metrics else pair
 
     def reduce(self, engine, units: dict[str, float]) -> StepSums:
@@ -66,5 +70,5 @@ class StepMetrics:
         tokens = int(flat[at])
         summed = {f: float(flat[at + 1 + j]) for j, f in enumerate(flags)}
         pairs = flat[at + 1 + len(flags):].view(-1, 2)
-        metrics = {k: float(s / max(float(c), 1.0)) for k, (s, c) in zip(keys, pairs)}
+        metrics = {k: float(s / c) if c > 0 else math.nan for k, (s, c) in zip(keys, pairs)}
         return StepSums(losses, metrics, tokens, summed)
