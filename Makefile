@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench bench-grpo clean
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) scripts/install.sh
@@ -24,6 +24,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
+
+bench-grpo: $(VENV)/.installed
+	$(PY) bench/grpo.py
 
 clean:
 	rm -rf $(VENV) demo_out

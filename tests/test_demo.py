@@ -3,6 +3,8 @@ writes loadable models, metrics and the comparison's plot and tables."""
 
 from __future__ import annotations
 
+import json
+
 from bipost.cli.main import main
 
 
@@ -20,3 +22,17 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     assert "copy accuracy" in printed and "reverse accuracy" in printed
     assert (out / "compare" / "measures.png").exists()
     assert "sft_copy exact match" in (out / "compare" / "compare.md").read_text()
+
+
+def test_grpo_demo_quick_runs_end_to_end(tmp_path, capsys):
+    """`bipost demo grpo --quick`: a start model, then GRPO alone and the four methods next to SFT,
+    each evaluated on both objectives; the table and the loss-space plot are written."""
+    out = tmp_path / "grpo"
+    assert main(["demo", "grpo", "--out", str(out), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    table = (out / "table.md").read_text()
+    for method in ("grpo alone", "sequential", "mix", "alright", "maxright"):
+        assert f"| {method} |" in table and (out / method.replace(" ", "-") / "final" / "model.safetensors").exists()
+    assert "copy accuracy" in printed and (out / "loss_space.png").exists()
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert results[0]["steps_sft"] == 0 and results[0]["steps_grpo"] == 3  # GRPO alone trains GRPO only

@@ -161,8 +161,10 @@ class _Kept:
 
 
 class GRPO(Objective):
-    """Online GRPO / DAPO / Dr. GRPO (see the module docstring). Unit: per ``loss_type`` (a
-    completion, a completion token, or a token slot; ``objectives.grpo``)."""
+    """Online RL on prompts (batch sizes count prompts): completions sampled from the current
+    policy, scored by the reward functions, trained with group-relative advantages (GRPO, DAPO,
+    Dr. GRPO; ``bipost.kinds.grpo``). Held-out value: -mean reward of greedy completions. Unit: a
+    completion (grpo), a completion token (dapo) or a token slot (dr_grpo)."""
 
     kind = "grpo"
     config_class = GRPOConfig
