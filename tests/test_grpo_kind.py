@@ -96,6 +96,30 @@ def test_config_errors_name_the_field(tmp_path):
     for extra, message in cases:
         with pytest.raises(ConfigError, match=message):
             load_config(overrides=base + extra)
+    # the seed command line: --obj_N GRPO on input/output rows (the output column is the answer)
+    from bipost.cli.train_bi_objective import config_from_argv
+
+    seed = config_from_argv(["--pretrain", str(ws / "model"), "--obj_1", "SFT", "--dataset_1", str(ws / "sft.jsonl"),
+                             "--obj_2", "grpo", "--dataset_2", str(ws / "copy.jsonl"), "--grpo_num_generations", "4",
+                             "--save_path", str(tmp_path / "seed")])
+    g = seed.objectives[1]
+    assert type(g).__name__ == "GRPOConfig" and g.num_generations == 4 and g.data.format == "input_output"
+    assert [(r.function, r.args) for r in g.rewards] == [("exact_match", {"column": "output"})]
+
+
+def test_reference_only_with_beta_and_lora_reference_is_the_base(tmp_path):
+    """beta = 0 loads and runs no reference; beta > 0 with LoRA uses the adapter-disabled policy (no
+    second model): its KL to the policy is 0 at the start and grows as the adapter trains. The data
+    selector refuses an online objective."""
+    trainer = build_trainer(grpo_config(tmp_path / "a"))
+    assert trainer.runs["grpo"].objective.reference is None
+    lora = train(grpo_config(tmp_path / "b", "model.lora.rank=4", "objectives.0.beta=0.1", "optim.lr=1e-2"))
+    kl = [r["grpo/kl"] for r in rows(tmp_path / "b" / "metrics.jsonl")]
+    assert kl[0] == 0.0 and kl[-1] > 0
+    assert lora.train_losses
+    with pytest.raises(ConfigError, match="online grpo objective"):
+        build_trainer(grpo_config(tmp_path / "c", "selector.enabled=true", "schedule.name=bilevel",
+                                  kinds=("sft", "grpo")))
 
 
 # ------------------------------------------------------------------------------ one step by hand

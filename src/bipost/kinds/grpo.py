@@ -322,11 +322,12 @@ class GRPO(Objective):
             return
         dev = step.to_device(batch)
         pos = positions(dev, self.num_seqs(dev))
+        # No DDP wrapper around no-grad forwards (every rank runs the same number of them anyway).
+        fwd = step.comm.forward_module(model) if hasattr(step.comm, "forward_module") else model
         if c.num_iterations > 1:
-            fwd = step.comm.forward_module(model) if hasattr(step.comm, "forward_module") else model
             batch["old_logps"] = self.forward.token_logprobs(fwd, dev, pos, c.temperature).cpu()
         if c.beta > 0:
-            batch["ref_logps"] = self._reference_logps(model, dev, pos).cpu()
+            batch["ref_logps"] = self._reference_logps(fwd, dev, pos).cpu()
 
     def _reference_logps(self, model, batch: dict, pos) -> torch.Tensor:
         if self.reference is not None:
