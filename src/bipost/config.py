@@ -7,7 +7,7 @@ Loaded from YAML, then ``a.b=c`` overrides (``objectives.0.weight=0.3``), then v
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 
 class ConfigError(ValueError):
@@ -116,6 +116,11 @@ class ObjectiveConfig:
     """Examples per forward on one rank; defaults to ``train.micro_batch_size``."""
     optimum: Optional[float] = None
     """f_i^*: the objective's optimal value, if known (maxright gaps, distance to ideal point)."""
+
+    aliases: ClassVar[dict[str, str]] = {}
+    """Other names a kind accepts for its fields in configs (``{"loss_type": "loss"}``): the name a
+    field had in earlier versions, so saved ``config.yaml`` files keep loading. Giving a field under
+    both names is an error."""
 
     def check(self, where: str) -> None:
         """Reject values of this kind's own fields that cannot run (``where``: ``objectives.N``);

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 
 from bipost.config import ObjectiveConfig
-from bipost.data.examples import SFT, ExampleType
+from bipost.data.examples import PREF, SFT, ExampleType
 from bipost.modeling.forward import Forward
 from bipost.objectives.base import ObjectiveOutput
 
@@ -170,3 +170,24 @@ class Objective:
         """Config fields from this kind's seed flags. ``pick(flag, default)`` is the flag's value for
         this objective (its ``_2`` form for objective 2 when both objectives are of this kind)."""
         return {}
+
+
+class PairObjective(Objective):
+    """A kind trained on preference pairs (``PREF``): the chosen and the rejected sequence of every
+    pair go through one forward (``collate_pref``'s rows ``0..n-1`` chosen, ``n..2n-1`` rejected, or
+    one packed row sharing each prompt); one loss unit per pair."""
+
+    examples = PREF
+
+    def num_seqs(self, batch: dict) -> int:
+        return 2 * int(batch["row_ids"].shape[0])
+
+    def row_units(self, batch: dict) -> torch.Tensor:
+        return torch.ones(int(batch["row_ids"].shape[0]), dtype=torch.float64)  # one per pair
+
+    def pair_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(chosen sums, chosen counts, rejected sums, rejected counts)``, each ``[n]``: the summed
+        response log-probs under ``model`` and the response token counts of the batch's pairs."""
+        n = int(batch["row_ids"].shape[0])
+        sums, counts = self.forward.sequence_logps(model, batch, 2 * n)
+        return sums[:n], counts[:n], sums[n:], counts[n:]

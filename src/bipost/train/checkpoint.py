@@ -46,7 +46,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from bipost.configio import ConfigError
+from bipost.configio import ConfigError, canonical_objective
 from bipost.train.guard import NonFiniteError
 
 log = logging.getLogger("bipost")
@@ -342,8 +342,8 @@ def run_settings(cfg, world_size: int, max_steps: int) -> dict:
 def settings_diff(saved: dict, current: dict, allowed: list[str] = ()) -> list[str]:
     """Trajectory-changing differences between a checkpoint's :func:`run_settings` and this run's,
     as ``key: old -> new`` lines; ``allowed`` names keys (or prefixes of keys) to accept."""
-    a = {**_flatten(saved.get("config", {})), "world_size": saved.get("world_size")}
-    b = {**_flatten(current.get("config", {})), "world_size": current.get("world_size")}
+    a = {**_flatten(_canonical(saved.get("config", {}))), "world_size": saved.get("world_size")}
+    b = {**_flatten(_canonical(current.get("config", {}))), "world_size": current.get("world_size")}
     missing = object()
     lines = []
     for key in sorted(set(a) | set(b)):
@@ -354,6 +354,15 @@ def settings_diff(saved: dict, current: dict, allowed: list[str] = ()) -> list[s
             continue
         lines.append(f"{key}: {'(unset)' if old is missing else repr(old)} -> {'(unset)' if new is missing else repr(new)}")
     return lines
+
+
+def _canonical(config: dict) -> dict:
+    """A saved config with each objective's fields under their current names (a checkpoint written
+    before a field was renamed saved it under what is now an alias)."""
+    objectives = config.get("objectives")
+    if not isinstance(objectives, list):
+        return config
+    return {**config, "objectives": [canonical_objective(o) if isinstance(o, dict) else o for o in objectives]}
 
 
 def _check_resumable(path: Path, engine, settings: dict) -> str | None:
