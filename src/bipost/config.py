@@ -48,6 +48,8 @@ class DataConfig:
     """Preferred response (string or conversation) of the ``preference`` format."""
     rejected_key: str = "rejected"
     """Dispreferred response of the ``preference`` format."""
+    label_key: str = "label"
+    """Boolean column of the ``unpaired_preference`` format (TRL's KTO data: ``prompt``, ``completion``, ``label``; true: a desirable completion)."""
     max_len: int = 512
     """Longest sequence in tokens (prompt + response + EOS). Responses are truncated to fit, the prompt is kept; a row with no room left for a response is skipped."""
     seed: int = 0

@@ -39,7 +39,8 @@ logger = logging.getLogger("bipost")
 
 RowEncoder = Callable[[Sequence[tuple], Any, int], list]
 """``encode(items, policy, max_len) -> [(example or skip reason, truncated), ...]`` where an item
-is ``(row_id, *text parts)`` (e.g. ``tokenize.encode_sft_rows``)."""
+is ``(row_id, *text parts)`` (e.g. ``tokenize.encode_sft_rows``). A row may also give several
+examples, all with its row id: ``((example, ...), (truncated, ...))``."""
 
 
 @dataclass
@@ -98,6 +99,9 @@ def process_chunk(spec: BuildSpec, chunk: Chunk, index0: int = 0, line0: int = 0
         if isinstance(result, str):
             skip_ids.append(item[0])
             reasons.append(result)
+        elif isinstance(result, tuple):  # several examples of one row (e.g. a pair split in two), same row id
+            examples += result
+            cuts += cut if isinstance(cut, tuple) else [cut] * len(result)
         else:
             examples.append(result)
             cuts.append(cut)

@@ -44,7 +44,7 @@ logger = logging.getLogger("bipost")
 Example = Union[SFTExample, PrefExample]
 
 FORMAT_KEYS = ("format", "input_key", "output_key", "input_template", "prompt_key", "completion_key",
-               "messages_key", "chosen_key", "rejected_key", "max_len")
+               "messages_key", "chosen_key", "rejected_key", "label_key", "max_len")
 """The ``DataConfig`` fields a store's examples depend on (besides the source, split and cap)."""
 
 
