@@ -245,6 +245,12 @@ def test_paired_with_sft_under_alright_on_unpaired_rows(tmp_path):
     assert math.isfinite(result.eval_history[-1]["kto"])
 
 
-def test_kto_rows_cannot_be_the_selectors_lower_level(tmp_path):
+def test_kto_is_the_selectors_upper_level_not_its_lower(tmp_path):
+    """The selector weights the lower objective's rows (a KTO row may be two examples): KTO can be
+    the trusted upper level only."""
     with pytest.raises(Exception, match="selector.objective 'kto' is a kto objective"):
         build_trainer(config(tmp_path / "s", "selector.enabled=true", "schedule.name=bilevel", kinds=("sft", "kto")))
+    result = train(config(tmp_path / "u", "selector.enabled=true", "schedule.name=bilevel", "train.max_steps=2",
+                          kinds=("kto", "sft")))
+    assert [r["ran"] for r in result.train_losses] == [["kto", "sft"]] * 2
+    assert (tmp_path / "u" / "selector").is_dir()

@@ -31,7 +31,7 @@ class DataConfig:
     max_eval_samples: Optional[int] = None
     """Evaluate on at most this many held-out rows."""
     format: str = "auto"
-    """Row format: auto | input_output | prompt_completion | messages | preference. ``auto`` looks at the first row's keys."""
+    """Row format: auto | input_output | prompt_completion | messages | preference | unpaired_preference (KTO). ``auto`` looks at the first row's keys."""
     input_key: str = "input"
     """Prompt column of the ``input_output`` format."""
     output_key: str = "output"
