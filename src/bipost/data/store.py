@@ -45,7 +45,7 @@ STORE_VERSION = 1
 """Layout version of a store folder (part of the cache key through ``DATA_CODE_VERSION``)."""
 MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
-RELEASE_EVERY = 256
+RELEASE_EVERY = 64
 """Examples read between two :meth:`TokenStore.release` calls (bounds the mapped pages a process holds)."""
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
