@@ -11,14 +11,14 @@ from bipost.data.collate import IGNORE_INDEX, collate_pref, collate_sft
 from bipost.data.formats import PrefText, SFTText, detect_format, format_row, resolve_format
 from bipost.data.load import Example, LoadSummary, ObjectiveData, load_objective_data
 from bipost.data.sources import DataError, Row, load_split
-from bipost.data.store import Concat, ExampleView, TokenStore
+from bipost.data.store import ExampleView, TokenStore
 from bipost.data.stream import ExampleStream, eval_batches
 from bipost.data.tokenize import (TokenPolicy, encode_pref, encode_pref_batch, encode_pref_rows, encode_sft,
                                   encode_sft_batch, encode_sft_rows)
 from bipost.data.types import PrefExample, Ragged, SFTExample, TokenIds, as_tuples
 
 __all__ = [
-    "Concat", "DATA_CODE_VERSION", "DataError", "Example", "ExampleStream", "ExampleView", "IGNORE_INDEX", "LoadSummary",
+    "DATA_CODE_VERSION", "DataError", "Example", "ExampleStream", "ExampleView", "IGNORE_INDEX", "LoadSummary",
     "ObjectiveData", "PrefExample", "PrefText", "Ragged", "Row", "SFTExample", "SFTText", "TokenIds", "TokenPolicy",
     "TokenStore", "as_tuples", "collate_pref", "collate_sft", "default_cache_dir", "detect_format", "encode_pref",
     "encode_pref_batch", "encode_pref_rows", "encode_sft", "encode_sft_batch", "encode_sft_rows", "eval_batches",
