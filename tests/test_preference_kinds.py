@@ -171,7 +171,7 @@ def test_dpo_loss_field_and_its_loss_type_alias(tmp_path):
 
 def test_checkpoint_settings_saved_under_an_alias_are_the_same_settings():
     """A checkpoint written when the field was ``loss_type`` resumes under ``loss`` (no settings diff)."""
-    from bipost.train.checkpoint import settings_diff
+    from bipost.train.resume import settings_diff
 
     cfg = {"objectives": [{"kind": "dpo", "beta": 0.1, "loss": "ipo"}], "optim": {"lr": 1e-5}}
     old = {"objectives": [{"kind": "dpo", "beta": 0.1, "loss_type": "ipo"}], "optim": {"lr": 1e-5}}

@@ -10,6 +10,7 @@ import torch
 
 from bipost.config import ConfigError, ObjectiveConfig
 from bipost.data.examples import PREF
+from bipost.data.store import Concat
 from bipost.example_cache import ExampleCache, cache_meta, compute_rows, load_or_build
 from bipost.kinds.base import BuildContext, PairObjective
 from bipost.models import as_reference, is_peft, resolve_dtype
@@ -142,7 +143,7 @@ class DPO(PairObjective):
 
 def _reference_cache(cfg: DPOConfig, ctx: BuildContext, ref_path: str) -> ExampleCache:
     """The reference's summed log-probs of every train and eval pair, ``[N, 2]`` (chosen, rejected)."""
-    examples = list(ctx.data.train) + list(ctx.data.eval)
+    examples = Concat(ctx.data.train, ctx.data.eval)  # by position: no Python object per example
     meta = cache_meta(examples, _content, "reference", ref_path, ctx.tokenizer, cfg.data.max_len,
                       str(resolve_dtype(ctx.run.model.dtype)))
     collate = PREF.collate_fn(ctx.tokenizer.pad_token_id, ctx.packing)

@@ -9,6 +9,7 @@ import torch
 
 from bipost.config import ConfigError, ObjectiveConfig
 from bipost.data.examples import SFT
+from bipost.data.store import Concat
 from bipost.example_cache import ExampleCache, cache_meta, compute_rows, load_or_build
 from bipost.kinds.base import BuildContext, Objective
 from bipost.modeling.forward import Positions, positions
@@ -142,7 +143,7 @@ def _check_topk_teacher(cfg: KDConfig, student_vocab: int, teacher_vocab: int) -
 def _teacher_cache(cfg: KDConfig, ctx: BuildContext, student_vocab: int) -> ExampleCache:
     """The teacher's top-k ids and log-probs at every response position of every train and eval
     example (``8 k`` bytes per response token: int32 ids, fp32 log-probs)."""
-    examples = list(ctx.data.train) + list(ctx.data.eval)
+    examples = Concat(ctx.data.train, ctx.data.eval)  # by position: no Python object per example
     meta = cache_meta(examples, _content, "teacher", cfg.teacher, ctx.tokenizer, cfg.data.max_len,  # type: ignore[arg-type]
                       str(resolve_dtype(ctx.run.model.dtype)), k=cfg.kd_topk, temperature=cfg.temperature)
     collate = SFT.collate_fn(ctx.tokenizer.pad_token_id, ctx.packing)

@@ -40,6 +40,7 @@ from bipost.data.examples import SFT, ExampleType
 from bipost.data.formats import LabeledText, PrefText, format_row
 from bipost.data.packing import pack_sft
 from bipost.data.sources import Row
+from bipost.data.store import Concat
 from bipost.data.tokenize import EMPTY_RESPONSE, TOO_LONG, TokenPolicy
 from bipost.data.types import SFTExample, TokenIds
 from bipost.example_cache import ExampleCache, cache_meta, compute_rows, content_key, load_or_build
@@ -209,7 +210,7 @@ class MismatchedCompletions:
         # Identical examples (an eval split repeating training rows) share one key: the first keeps it.
         self.keys, first = np.unique(all_keys, return_index=True)
         self.partner = (np.concatenate(partners) if partners else np.zeros(0, np.int64))[first]
-        self._starts = np.cumsum([0] + [len(s) for s in self.sets])
+        self._all = Concat(*self.sets)  # partner indices count through the sets in order
 
     def partner_of(self, e: KTOExample) -> KTOExample:
         """The example whose completion is ``e``'s mismatched one."""
@@ -217,9 +218,7 @@ class MismatchedCompletions:
         i = int(np.searchsorted(self.keys, key))
         if i >= len(self.keys) or self.keys[i] != key:
             raise KeyError(f"example of row {e.row_id} is not among the examples this objective was built with")
-        g = int(self.partner[i])
-        s = int(np.searchsorted(self._starts, g, side="right")) - 1
-        return self.sets[s][g - int(self._starts[s])]
+        return self._all[int(self.partner[i])]
 
     def completion(self, e: KTOExample) -> np.ndarray:
         """``e``'s mismatched completion, cut to fit ``max_len`` after ``e``'s prompt (its EOS kept last)."""
@@ -428,7 +427,7 @@ def _reference_cache(cfg: KTOConfig, ctx: BuildContext, ref_path: str, mismatche
                      ) -> ExampleCache:
     """The reference's summed log-probs of every train and eval example's completion and mismatched
     completion, ``[N, 2]``."""
-    examples = list(ctx.data.train) + list(ctx.data.eval)
+    examples = Concat(ctx.data.train, ctx.data.eval)  # by position: no Python object per example
     meta = cache_meta(examples, mismatched.content, "reference", ref_path, ctx.tokenizer, cfg.data.max_len,
                       str(resolve_dtype(ctx.run.model.dtype)), mismatch_seed=cfg.mismatch_seed)
     collate = kto_collate(ctx.tokenizer.pad_token_id, ctx.packing, mismatched)
