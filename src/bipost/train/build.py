@@ -77,7 +77,9 @@ def build_objectives(cfg: RunConfig, tokenizer, policy, engine: Engine) -> dict[
                 f"world_size {engine.world_size} x micro_batch_size {ocfg.micro_batch_size}"
             )
         stream = ExampleStream(
-            data.train, ocfg.micro_batch_size, objective.collate(tokenizer.pad_token_id),  # type: ignore[arg-type]
+            # per-row weights (data.weight_key / weights_file) ride on the training batches only
+            data.train, ocfg.micro_batch_size,  # type: ignore[arg-type]
+            data.weigh(objective.collate(tokenizer.pad_token_id)),  # type: ignore[arg-type]
             seed=cfg.train.seed + 1000 * i, rank=engine.rank, world_size=engine.world_size,
             prefetch=cfg.train.prefetch,
         )
