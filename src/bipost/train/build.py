@@ -67,7 +67,7 @@ def build_objectives(cfg: RunConfig, tokenizer, policy, engine: Engine) -> dict[
     runs: dict[str, ObjectiveRun] = {}
     for i, ocfg in enumerate(cfg.objectives):
         kind = get_kind(ocfg.kind)
-        data = load_objective_data(ocfg.data, kind.examples, tokenizer, objective=ocfg.name or kind.kind)
+        data = load_objective_data(ocfg.data, kind.examples_for(ocfg), tokenizer, objective=ocfg.name or kind.kind)
         objective = kind.build(ocfg, BuildContext(cfg, tokenizer, policy, engine, forward, data, frozen_model,
                                                   cache_dir))
         per_rank = ocfg.batch_size // engine.world_size  # type: ignore[operator]
