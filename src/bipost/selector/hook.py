@@ -111,15 +111,21 @@ class SelectorHook(StepHook):
         u = self.ctx.upper_weight(step)
         if u is not None:
             metrics["selector/u"] = u
+        self._epoch_outputs(step)
+        return metrics
+
+    def _epoch_outputs(self, step: int) -> None:
+        """Every ``selector.every_epochs`` passes over the lower data: weights, summary (and model)."""
         every = self.cfg.every_epochs * self.per_pass
         if every and (step + 1) % every == 0:
             epoch = (step + 1) // self.per_pass
             self._write(self.dir / f"epoch-{epoch:03d}", step + 1, model=self.cfg.save_epoch_models)
-        return metrics
 
     def skipped_step(self, step) -> None:
-        # a skipped (non-finite) step: its rows' losses must not reach the selector's Adam
+        # a skipped (non-finite) step: its rows' losses must not reach the selector's Adam; the
+        # epoch's outputs are still written (the weights of the steps that counted)
         self._ids, self._losses = [], []
+        self._epoch_outputs(step)
 
     def on_end(self, step: int) -> None:
         self._write(self.dir, step, model=False)  # the model is the run's final/

@@ -12,7 +12,6 @@ Schedules, objectives, data and hooks plug in here without changing this file.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import time
@@ -30,6 +29,7 @@ from bipost.objectives.base import per_unit
 from bipost.schedules import StepPlan, make_schedule
 from bipost.train import checkpoint as ckpt
 from bipost.train import preempt
+from bipost.train import resume as resuming
 from bipost.train.build import (
     ObjectiveRun,
     build_objectives,
@@ -117,15 +117,15 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
     def _prepare_output_dir(self) -> None:
         # Decided on the main rank (train.resume false | true | auto), the same error raised on every rank.
-        ckpt.prepare_output_dir(self.out, self.cfg, self.engine)
+        resuming.prepare_output_dir(self.out, self.cfg, self.engine)
 
     def settings(self) -> dict:
-        """What a resumed run must share with this one (``checkpoint.run_settings``)."""
-        return ckpt.run_settings(self.cfg, self.engine.world_size, self.max_steps)
+        """What a resumed run must share with this one (``resume.run_settings``)."""
+        return resuming.run_settings(self.cfg, self.engine.world_size, self.max_steps)
 
     def _resume(self) -> None:
         # A verified checkpoint (a damaged one falls back to the previous), its settings checked.
-        state = ckpt.resume(self.out, self.engine, self.model, self.optimizer, self.scheduler, self.settings())
+        state = resuming.resume(self.out, self.engine, self.model, self.optimizer, self.scheduler, self.settings())
         if state is None:
             return
         self.step = state["step"]
