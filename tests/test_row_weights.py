@@ -234,7 +234,9 @@ def test_csv_weights_are_numeric_cells(tmp_path, tiny_tokenizer):
     path = tmp_path / "w.csv"
     path.write_text("input,output,w\na b,b a,2.5\nc d,d c,0.5\n")
     data = load_objective_data(DataConfig(path=str(path), weight_key="w", max_len=32), "sft", tiny_tokenizer)
-    assert data.weights.tolist() == [2.5, 0.5]
+    assert data.weights.tolist() == [2.5, 0.5] and data.summary.cache == "built"
+    again = load_objective_data(DataConfig(path=str(path), weight_key="w", max_len=32), "sft", tiny_tokenizer)
+    assert again.weights.tolist() == [2.5, 0.5] and again.summary.cache == "cached"  # kept in the store
     path.write_text("input,output,w\na b,b a,2.5\nc d,d c,heavy\n")
     with pytest.raises(DataError, match=r"row 1, field 'w': the weight must be a number >= 0, not str 'heavy'"):
         load_objective_data(DataConfig(path=str(path), weight_key="w", max_len=32), "sft", tiny_tokenizer)

@@ -97,6 +97,7 @@ def test_distilled_rows_are_the_teachers_topk_at_the_response_positions(distille
 def test_parquet_output_round_trips(tmp_path, distilled):
     """The same rows as Parquet (list<list<int32>> / list<list<float32>> columns), read back by the
     data layer into the same examples as the JSON lines file."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from bipost.cli.main import main
@@ -110,6 +111,16 @@ def test_parquet_output_round_trips(tmp_path, distilled):
     a = load_objective_data(DataConfig(path=str(out), max_len=64), TOPK, tokenizer).train
     b = load_objective_data(DataConfig(path=str(distilled), max_len=64), TOPK, tokenizer).train
     assert all(np.array_equal(x.teacher_topk_logps, y.teacher_topk_logps) for x, y in zip(a, b))
+    # a Parquet source keeps its own column types (an int16 column here, which inference would make int64)
+    source = tmp_path / "source.parquet"
+    rows = [{**r, "n": i} for i, r in enumerate(read_jsonl(workspace() / "copy.jsonl"))]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("input", pa.string()), ("output", pa.string()),
+                                                               ("n", pa.int16())])), source)
+    out2 = tmp_path / "from-parquet.parquet"
+    assert main(["distill-topk", "--out", str(out2), "--k", str(K), *kd_args(f"objectives.0.data.path={source}")]) == 0
+    again = pq.read_table(out2)
+    assert again.schema.field("n").type == pa.int16()
+    assert again.drop_columns(["n"]).to_pylist() == table.to_pylist()
 
 
 @pytest.mark.parametrize("packing", ["false", "true"])
