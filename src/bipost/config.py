@@ -58,6 +58,12 @@ class DataConfig:
     """Folder of the tokenized data (memory-mapped token stores, reused by every run on the same inputs); default ``$BIPOST_CACHE/data``, else ``~/.cache/bipost/data``. Safe to delete while no run uses it."""
     num_proc: Optional[int] = None
     """Processes that tokenize a data set being cached for the first time; default: the usable cores, at most 8."""
+    weight_key: Optional[str] = None
+    """Column holding each row's loss weight, a number >= 0: the row counts that many times in its objective's loss, in the losses and in the loss units (weight 2 = the row twice, 0 = the row left out). Kept in the token store. Training rows only: held-out losses stay unweighted."""
+    weights_file: Optional[str] = None
+    """Per-row weights by original row id from a selector weights file (``weights.parquet`` / ``weights.jsonl``, or the folder of ``bipost select train`` holding one): soft selection instead of ``bipost select filter``. Applied when the data is loaded (the tokens are not rebuilt); multiplies ``weight_key``'s weights when both are set."""
+    missing_weight: Optional[float] = None
+    """With ``weights_file``: the weight of a training row the file does not list (e.g. one the selector held out for evaluation); unset: such a row is an error."""
 
 
 @dataclass

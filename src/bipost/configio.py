@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import typing
 from functools import lru_cache
@@ -245,6 +246,13 @@ def validate(cfg: C.RunConfig) -> None:
                f"{w}: batch_size {obj.batch_size} must be a multiple of micro_batch_size {obj.micro_batch_size}")
         _check(obj.data.max_len >= 4, f"{w}.data.max_len must be >= 4")
         _check(0.0 <= obj.data.eval_fraction < 1.0, f"{w}.data.eval_fraction must be in [0, 1)")
+        _check(obj.data.weight_key is None or bool(obj.data.weight_key),
+               f"{w}.data.weight_key names a column (unset: no per-row weights)")
+        _check(obj.data.missing_weight is None or (math.isfinite(obj.data.missing_weight)
+                                                   and obj.data.missing_weight >= 0),
+               f"{w}.data.missing_weight must be a finite number >= 0")
+        _check(obj.data.missing_weight is None or bool(obj.data.weights_file),
+               f"{w}.data.missing_weight is the weight of rows data.weights_file does not list: set data.weights_file")
         from bipost.kinds import get_kind
 
         _check(isinstance(obj, get_kind(obj.kind).config_class),

@@ -5,8 +5,9 @@ declares, side by side:
 
 * its config: a dataclass extending :class:`bipost.config.ObjectiveConfig` with the kind's own
   fields (one docstring each) and their validation (``check``);
-* its data: the example type it trains on (``examples``: which row formats it accepts and how
-  they are encoded, collated and packed) and how many loss units a batch holds (``units``);
+* its data: the example type it trains on (``examples``, or ``examples_for(cfg)`` when a setting
+  picks it: which row formats it accepts and how they are encoded, collated and packed) and how many
+  loss units a batch holds (``row_units``);
 * what frozen model or cached artifact it needs, built in :meth:`Objective.build` and handed to its
   constructor (nothing is attached to it later);
 * its loss on a micro-batch (``loss``): model-side log-probs from :class:`~bipost.modeling.forward.Forward`,
@@ -103,6 +104,13 @@ class Objective:
     def build(cls, cfg: ObjectiveConfig, ctx: BuildContext) -> "Objective":
         """The objective with everything it needs (frozen models, caches); default: nothing."""
         return cls(cfg, ctx.forward, ctx.packing)
+
+    @classmethod
+    def examples_for(cls, cfg: ObjectiveConfig) -> ExampleType:
+        """The example type an objective with config ``cfg`` trains on (what its data is loaded as).
+        Default: :attr:`examples`; a kind whose data depends on a setting (``kd`` with
+        ``teacher_logprobs: data``) overrides it."""
+        return cls.examples
 
     @property
     def name(self) -> str:

@@ -101,7 +101,8 @@ def resolve_budget(cfg: RunConfig) -> int:
     from bipost.train.build import step_budget
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
-    runs = {o.name: SimpleNamespace(cfg=o, train=load_objective_data(o.data, get_kind(o.kind).examples, tokenizer).train)
+    runs = {o.name: SimpleNamespace(cfg=o, train=load_objective_data(o.data, get_kind(o.kind).examples_for(o),
+                                                                     tokenizer).train)
             for o in cfg.objectives}
     return step_budget(cfg, runs)  # type: ignore[arg-type]
 
