@@ -31,7 +31,8 @@ def workspace() -> Path:
 def config(out: Path, *overrides: str, kinds: tuple[str, ...] = ("sft",)):
     """A run config on the tiny workspace; ``kinds`` lists the objectives in order."""
     ws = workspace()
-    data = {"sft": ws / "sft.jsonl", "dpo": ws / "pref.jsonl", "kd": ws / "copy.jsonl", "grpo": ws / "grpo.jsonl"}
+    data = {"sft": ws / "sft.jsonl", "dpo": ws / "pref.jsonl", "kd": ws / "copy.jsonl", "simpo": ws / "pref.jsonl",
+            "orpo": ws / "pref.jsonl", "kto": ws / "pref.jsonl", "grpo": ws / "grpo.jsonl"}
     base = [f"model.path={ws / 'model'}", f"train.output_dir={out}", "train.progress=false",
             "train.max_steps=4", "train.batch_size=8", "train.micro_batch_size=8",
             "optim.lr=1e-3"]

@@ -131,14 +131,14 @@ def test_lambda_is_the_weight_of_obj_1():
 
 @pytest.mark.parametrize("extra, message", [
     (["--not_a_flag", "1"], "unrecognized arguments: --not_a_flag"),
-    (["--obj_1", "KTO"], "'KTO' is not an objective"),
+    (["--obj_1", "PPO"], "'PPO' is not an objective"),
     (["--obj_1", "KD", "--ref_model", ""], "--obj_1 KD needs a teacher model: pass --ref_model"),
     (["--obj_1", "DPO", "--dpo_ipo", "--dpo_label_smoothing", "0.1", "--ref_model", ""],
      "--dpo_ipo and --dpo_label_smoothing contradict"),
     (["--lambd", "1.5"], "--lambd is obj_1's weight and must be in [0, 1]"),
     (["--obj_1", "DPO", "--ref_model", "", "--input_key_2", "q"],
      "--input_key_2 applies only when both objectives are SFT/KD"),
-    (["--obj_1", "SFT", "--ref_model", "{ws}/teacher"], "neither objective is DPO or KD"),
+    (["--obj_1", "SFT", "--ref_model", "{ws}/teacher"], "neither objective is DPO, KD or KTO"),
     (["--ref_model_2", "{ws}/teacher"], "--ref_model_2 is used only when both objectives need a model"),
     (["--eps", "0.1"], "--eps stops at f*: give both --obj_opt_1 and --obj_opt_2"),
     (["--ref_pareto_1", "1 2", "--ref_pareto_2", "1"], "give 2 and 1 values"),
@@ -161,8 +161,11 @@ PAIRS = {
     "sft+sft": ("SFT", "SFT", ["--input_key_2", "input", "--output_key_2", "output"]),
     "kd+dpo": ("KD", "DPO", ["--ref_model", "{ws}/teacher"]),  # the DPO reference: the initial policy
     "dpo+dpo": ("DPO", "DPO", ["--ref_model_2", "{ws}/model", "--dpo_beta_2", "0.5", "--dpo_ipo_2"]),
+    "kto+simpo": ("KTO", "SIMPO", ["--kto_beta", "0.2", "--simpo_gamma", "0.5"]),  # preference data for both
+    "orpo+sft": ("ORPO", "SFT", ["--orpo_lambda", "0.2"]),
 }
-DATA = {"SFT": "sft.jsonl", "KD": "copy.jsonl", "DPO": "pref.jsonl"}
+DATA = {"SFT": "sft.jsonl", "KD": "copy.jsonl", "DPO": "pref.jsonl", "KTO": "pref.jsonl", "SIMPO": "pref.jsonl",
+        "ORPO": "pref.jsonl"}
 
 
 @pytest.mark.parametrize("pair", PAIRS)
@@ -189,8 +192,8 @@ def test_every_objective_pair_runs_end_to_end(tmp_path, pair):
     assert all(math.isfinite(final_eval[f"eval/{n}"]) for n in names)
     if pair == "dpo+dpo":
         cfg = config_from_argv(argv)
-        assert (cfg.objectives[0].beta, cfg.objectives[0].loss_type) == (0.1, "sigmoid")
-        assert (cfg.objectives[1].beta, cfg.objectives[1].loss_type) == (0.5, "ipo")
+        assert (cfg.objectives[0].beta, cfg.objectives[0].loss) == (0.1, "sigmoid")
+        assert (cfg.objectives[1].beta, cfg.objectives[1].loss) == (0.5, "ipo")
         assert cfg.objectives[1].reference == f"{ws}/model" and cfg.objectives[0].reference is None
 
 

@@ -101,3 +101,18 @@ def test_budget_is_fixed_before_the_runs_by_the_loops_rule(tmp_path):
     assert cfg.train.max_steps is None
     # 58 training rows per objective after holding out 10% of 64: ceil(1.5 * ceil(58 / 4)) = ceil(22.5)
     assert resolve_budget(cfg) == build_trainer(cfg).max_steps == 23
+
+
+def test_a_requeued_compare_continues_its_runs(tmp_path):
+    """A compare run again into the same folder (a requeued job after preemption) continues every
+    method's run (train.resume=auto) instead of refusing the folder, and reports the same table:
+    the histories come from each run's metrics.jsonl, steps before the resume included."""
+    out = tmp_path / "cmp"
+    args = ["compare", *base_overrides(), "train.save_steps=1", "--methods", "alright,mix", "--out", str(out)]
+    assert main(args) == 0
+    first = json.loads((out / "compare.json").read_text())
+    assert main(args) == 0
+    again = json.loads((out / "compare.json").read_text())
+    for a, b in zip(first["runs"], again["runs"]):
+        assert a["trajectory"] == b["trajectory"] and a["ran"] == b["ran"]
+    assert [r["steps"] for r in again["rows"]] == [2, 2]

@@ -47,3 +47,27 @@ def test_labels_only_on_response_of_real_example(tiny_tokenizer):
     assert (labels[:n_prompt] == IGNORE_INDEX).all()
     assert labels[n_prompt:].tolist() == list(ex.response_ids)
     assert labels[-1].item() == tiny_tokenizer.eos_token_id
+
+
+def test_numpy_examples_collate_and_pack_like_tuples():
+    """Examples read from a token store hold uint16 numpy views; collation and packing give the very
+    batches of the same examples held as tuples (int64 tensors, same values)."""
+    import numpy as np
+
+    from bipost.data.packing import pack_pref, pack_sft
+
+    sft = [SFTExample(10, (1, 5, 6), (7, 2)), SFTExample(4, (1, 5), (8, 9, 9, 2))]
+    pref = [PrefExample(3, (1, 5), (6, 2), (7, 7, 7, 2)), PrefExample(9, (1,), (8, 2), (9, 2))]
+
+    def as_numpy(e):
+        return type(e)(e.row_id, *(np.asarray(getattr(e, f), dtype=np.uint16)
+                                   for f in type(e).__dataclass_fields__ if f != "row_id"))
+
+    for fn, examples in ((lambda x: collate_sft(x, PAD), sft), (lambda x: collate_pref(x, PAD), pref),
+                         (pack_sft, sft), (pack_pref, pref)):
+        want, got = fn(examples), fn([as_numpy(e) for e in examples])
+        for key, value in want.items():
+            if isinstance(value, torch.Tensor):
+                assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+            else:
+                assert got[key].segments == value.segments

@@ -166,7 +166,7 @@ def test_auto_unrecognised_keys():
 
 @pytest.mark.parametrize("fmt,examples", [("preference", "sft"), ("messages", "pref"), ("input_output", "pref")])
 def test_wrong_format_for_example_type(fmt, examples):
-    with pytest.raises(DataError, match=f"objective 'x' needs"):
+    with pytest.raises(DataError, match="objective 'x' needs"):
         resolve_format(DataConfig(path="x", format=fmt), row({}), examples, who="objective 'x'")
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bipost.data import ExampleView, PrefExample, Ragged, SFTExample, TokenIds, TokenStore, as_tuples
-from bipost.data.store import MARKER, StoreError, StoreWriter, schema_of, to_columns, token_dtype
+from bipost.data.store import MARKER, Concat, StoreError, StoreWriter, schema_of, to_columns, token_dtype
 
 
 @dataclass(frozen=True)
@@ -144,3 +144,13 @@ def test_release_keeps_examples_valid(tmp_path):
     held = store.example(7)
     store.release()
     assert held.prompt_ids.tolist() == [1, 7] and as_tuples(store.example(49)) == ex[49]
+
+
+def test_concat_reads_parts_in_order(tmp_path):
+    ex = [SFTExample(i, (1, i), (i, 2)) for i in range(5)]
+    store = write(tmp_path / "s", SFTExample, ex)
+    both = Concat(store.view(np.array([4, 0])), [ex[2]], store.view(np.zeros(0, np.int64)), store.view()[3:])
+    assert len(both) == 5 and [as_tuples(e).row_id for e in both] == [4, 0, 2, 3, 4]
+    assert as_tuples(both[-1]) == ex[4] and [e.row_id for e in both[1:3]] == [0, 2]
+    with pytest.raises(IndexError):
+        both[5]

@@ -34,7 +34,7 @@ STEPS = 4
 
 def overrides(*extra: str, kinds: tuple[str, ...] = ("sft", "dpo")) -> list[str]:
     ws = workspace()
-    data = {"sft": ws / "sft.jsonl", "dpo": ws / "pref.jsonl", "kd": ws / "copy.jsonl"}
+    data = {"sft": ws / "sft.jsonl", "dpo": ws / "pref.jsonl", "kd": ws / "copy.jsonl", "kto": ws / "pref.jsonl"}
     base = [f"model.path={ws / 'model'}", "train.progress=false", f"train.max_steps={STEPS}",
             "train.save_steps=2", "train.batch_size=8", "train.micro_batch_size=4", "optim.lr=1e-3"]
     for i, k in enumerate(kinds):
@@ -79,11 +79,14 @@ def check_equivalent(ranks: list[dict], single, backend: str, wrapper_prefix: st
 
 
 def test_ddp_two_ranks_equal_one_rank_alright_lora(tmp_path):
-    """DDP, ALRIGHT over SFT + DPO, LoRA with the adapter-disabled policy as DPO reference."""
-    args = overrides("schedule.name=alright", "model.lora.rank=4")
+    """DDP, ALRIGHT over SFT + DPO + KTO, LoRA with the adapter-disabled policy as DPO and KTO
+    reference. KTO runs in steps 1 and 4: its reference point z0 (over both ranks' mismatched
+    pairs, one all-reduce) equals one rank's, so do its losses, before and after the resume."""
+    args = overrides("schedule.name=alright", "model.lora.rank=4", kinds=("sft", "dpo", "kto"))
     ranks = launch(tmp_path / "ddp", args)
     single = train(load_config(overrides=args + [f"train.output_dir={tmp_path / 'one'}"]))
     check_equivalent(ranks, single, "ddp", "DistributedDataParallel")
+    assert [s["ran"] for s in single.train_losses] == [["kto"], ["dpo"], ["sft"], ["kto"]]
 
 
 def test_fsdp2_two_ranks_equal_one_rank_maxright_sharded_reference(tmp_path):

@@ -240,6 +240,34 @@ def test_resume_mid_run_is_exact(tmp_path):
     assert rest.eval_history == full.eval_history[2:]  # step 3 evaluated before its checkpoint
 
 
+def test_per_row_weights_reach_the_completions(tmp_path):
+    """Per-row weights (data.weight_key) weigh each prompt's completions in the losses and the units:
+    weight 2 on every row is no weighting (the same losses; the same update up to rounding), and
+    weights 1 and 3 give the value -sum(w r) / sum(w) over the step's completions."""
+    ws = workspace()
+    rows_in = [json.loads(x) for x in (ws / "grpo.jsonl").read_text().splitlines()]
+    for name, w in (("two", lambda i: 2.0), ("mixed", lambda i: 1.0 + 2 * (i % 2))):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({**r, "w": w(i)}) + "\n" for i, r in enumerate(rows_in)))
+    plain = train(grpo_config(tmp_path / "plain", "train.max_steps=2"))
+    two = train(grpo_config(tmp_path / "two", "train.max_steps=2", "objectives.0.data.weight_key=w",
+                            f"objectives.0.data.path={tmp_path / 'two.jsonl'}"))
+    assert [r["grpo"] for r in two.train_losses] == pytest.approx([r["grpo"] for r in plain.train_losses], abs=1e-6)
+    trainer = build_trainer(grpo_config(tmp_path / "mixed", "train.max_steps=1", "objectives.0.data.weight_key=w",
+                                        f"objectives.0.data.path={tmp_path / 'mixed.jsonl'}"))
+    run = trainer.runs["grpo"]
+    from bipost.kinds import StepContext
+
+    batches = run.objective.prepare(trainer.model, [run.stream.batch(0), run.stream.batch(1)],
+                                    StepContext(0, trainer.engine, trainer.engine.to_device))
+    w = torch.cat([b["weights"] for b in batches])
+    r = torch.cat([b["rewards"] for b in batches]).double()
+    assert set(w.tolist()) <= {1.0, 3.0} and len(set(w.tolist())) == 2
+    with torch.no_grad():
+        outs = [run.objective.loss(trainer.model, b).weighted(b["weights"]) for b in batches]
+    value = sum(float(o.losses.double().sum()) for o in outs) / sum(run.objective.units(b) for b in batches)
+    assert value == pytest.approx(float(-(w * r).sum() / w.sum()), abs=1e-6)
+
+
 def test_a_failing_reward_function_is_a_clear_error(tmp_path):
     """A reward function that raises stops the run with an error naming the objective, the step and
     the function (and chaining its own exception)."""

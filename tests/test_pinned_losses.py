@@ -2,7 +2,8 @@
 
 Every schedule x objective pair, padded and packed, full fine-tuning and LoRA, plus the special paths
 (cached reference, top-k KD online and cached, IPO + NLL, reverse KL / JSD, per-micro-step ALRIGHT,
-the bilevel selector). A refactor of the loop, the objectives or the data layer must reproduce them.
+the bilevel selector) and the SimPO, ORPO and KTO kinds. A refactor of the loop, the objectives or the
+data layer must reproduce them.
 
 The numbers live in ``pinned_losses.json`` beside this file. After a change that is *meant* to change
 them, re-record with ``BIPOST_RECORD_PINNED=1 pytest tests/test_pinned_losses.py`` and say why in the
@@ -62,6 +63,9 @@ def _cases() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
                                                   "schedule.lambda_decay=0.2", "selector.lr=0.1")),
         "bilevel-selector-dpo-lora": (("sft", "dpo"), ("selector.enabled=true", "schedule.name=bilevel",
                                                        "model.lora.rank=4", "selector.lr=0.1")),
+        "alright-sft+simpo": (("sft", "simpo"), ("schedule.name=alright",)),
+        "orpo-packed": (("orpo",), ("train.packing=true",)),
+        "mix-kto+sft-lora": (("kto", "sft"), ("schedule.name=mix", "model.lora.rank=4")),
     }
     cases.update(special)
     return cases

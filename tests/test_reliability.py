@@ -22,6 +22,7 @@ import torch
 
 from bipost.configio import ConfigError, load_config
 from bipost.train import checkpoint as ckpt
+from bipost.train import resume as resuming
 from bipost.run import train
 from bipost.train.loop import Trainer
 from bipost.train.metrics import read_metrics
@@ -48,7 +49,7 @@ def base(*extra: str, steps: int = 2) -> list[str]:
 
 
 CACHED_DPO = [  # a third objective: DPO with cached reference log-probs over an odd number (33) of examples
-    "objectives.2.kind=dpo", f"objectives.2.data.path={{ws}}/pref.jsonl", "objectives.2.data.max_len=64",
+    "objectives.2.kind=dpo", "objectives.2.data.path={ws}/pref.jsonl", "objectives.2.data.max_len=64",
     "objectives.2.data.max_samples=33", "objectives.2.data.eval_fraction=0.1", "objectives.2.data.max_eval_samples=1",
     "objectives.2.cache_reference=true"]
 
@@ -396,7 +397,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     assert exit_code_for(err.value) == 4
     assert [p.name for p in ckpt.list_complete(out)] == ["step-00000002"]
     assert not list((out / "checkpoints").glob(".tmp-*"))
-    assert ckpt.verify_checkpoint(out / "checkpoints" / "step-00000002") == []
+    assert resuming.verify_checkpoint(out / "checkpoints" / "step-00000002") == []
     monkeypatch.setattr(torch, "save", real_save)
     resumed = train(run_cfg(out, "train.resume=auto"))
     full = train(run_cfg(tmp_path / "ref"))
@@ -420,7 +421,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
             shutil.copytree(out / "checkpoints" / step, trial / "checkpoints" / step)
         if damage == "truncate":
             (trial / "checkpoints" / "step-00000004" / "model" / "model.safetensors").write_bytes(data[: len(data) // 2])
-            assert ckpt.verify_checkpoint(trial / "checkpoints" / "step-00000004") == [
+            assert resuming.verify_checkpoint(trial / "checkpoints" / "step-00000004") == [
                 f"model/model.safetensors has {len(data) // 2} bytes, {len(data)} were written"]
         else:
             opt = trial / "checkpoints" / "step-00000004" / "optimizer.pt"
@@ -429,7 +430,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
         resumed = train(run_cfg(trial, "train.resume=auto"))
         printed = capsys.readouterr().out
         why = "is damaged" if damage == "truncate" else "could not be loaded"
-        assert f"[resume] checkpoint step-00000004 (" in printed and why in printed, printed
+        assert "[resume] checkpoint step-00000004 (" in printed and why in printed, printed
         assert f"[resume] from {trial / 'checkpoints' / 'step-00000002'} (step 2)" in printed
         assert losses(resumed) == losses(full)[2:]
 
@@ -449,7 +450,7 @@ def test_resuming_with_other_settings_lists_every_difference(tmp_path):
     manifest["files"]["settings.json"] = settings.stat().st_size
     marker.write_text(json.dumps(manifest))
     changed = ("optim.lr=5e-4", "objectives.0.data.max_samples=48", "train.seed=7", "train.resume=true")
-    with pytest.raises(ckpt.ResumeError) as err:
+    with pytest.raises(resuming.ResumeError) as err:
         Trainer(run_cfg(out, *changed))
     msg = str(err.value)
     for line in ("objectives.0.data.max_samples: None -> 48", "optim.lr: 0.001 -> 0.0005", "train.seed: 42 -> 7",
@@ -466,7 +467,7 @@ def test_resume_modes(tmp_path):
     """false: an output_dir with checkpoints is an error; true: nothing to resume is an error;
     auto: resume if there is a checkpoint, else a fresh start (the command a requeued job reruns)."""
     out = tmp_path / "run"
-    with pytest.raises(ckpt.ResumeError, match="holds no complete checkpoint"):
+    with pytest.raises(resuming.ResumeError, match="holds no complete checkpoint"):
         Trainer(run_cfg(out, "train.resume=true"))
     fresh = Trainer(run_cfg(out, "train.resume=auto", "train.max_steps=3"))
     assert fresh.step == 0

@@ -3,7 +3,6 @@ full forward KD, cached ≡ online, stale caches rebuilt, no teacher resident wh
 
 from __future__ import annotations
 
-import logging
 import math
 
 import pytest

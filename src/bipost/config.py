@@ -7,7 +7,7 @@ Loaded from YAML, then ``a.b=c`` overrides (``objectives.0.weight=0.3``), then v
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 
 class ConfigError(ValueError):
@@ -31,7 +31,7 @@ class DataConfig:
     max_eval_samples: Optional[int] = None
     """Evaluate on at most this many held-out rows."""
     format: str = "auto"
-    """Row format: auto | input_output | prompt_completion | messages | preference, or a kind's own (grpo: prompt). ``auto`` looks at the first row's keys."""
+    """Row format: auto | input_output | prompt_completion | messages | preference | unpaired_preference (KTO), or a kind's own (grpo: prompt). ``auto`` looks at the first row's keys."""
     input_key: str = "input"
     """Prompt column of the ``input_output`` format."""
     output_key: str = "output"
@@ -48,6 +48,8 @@ class DataConfig:
     """Preferred response (string or conversation) of the ``preference`` format."""
     rejected_key: str = "rejected"
     """Dispreferred response of the ``preference`` format."""
+    label_key: str = "label"
+    """Boolean column of the ``unpaired_preference`` format (TRL's KTO data: ``prompt``, ``completion``, ``label``; true: a desirable completion)."""
     max_len: int = 512
     """Longest sequence in tokens (prompt + response + EOS). Responses are truncated to fit, the prompt is kept; a row with no room left for a response is skipped."""
     seed: int = 0
@@ -56,6 +58,12 @@ class DataConfig:
     """Folder of the tokenized data (memory-mapped token stores, reused by every run on the same inputs); default ``$BIPOST_CACHE/data``, else ``~/.cache/bipost/data``. Safe to delete while no run uses it."""
     num_proc: Optional[int] = None
     """Processes that tokenize a data set being cached for the first time; default: the usable cores, at most 8."""
+    weight_key: Optional[str] = None
+    """Column holding each row's loss weight, a number >= 0: the row counts that many times in its objective's loss, in the losses and in the loss units (weight 2 = the row twice, 0 = the row left out). Kept in the token store. Training rows only: held-out losses stay unweighted."""
+    weights_file: Optional[str] = None
+    """Per-row weights by original row id from a selector weights file (``weights.parquet`` / ``weights.jsonl``, or the folder of ``bipost select train`` holding one): soft selection instead of ``bipost select filter``. Applied when the data is loaded (the tokens are not rebuilt); multiplies ``weight_key``'s weights when both are set."""
+    missing_weight: Optional[float] = None
+    """With ``weights_file``: the weight of a training row the file does not list (e.g. one the selector held out for evaluation); unset: such a row is an error."""
 
 
 @dataclass
@@ -116,6 +124,11 @@ class ObjectiveConfig:
     """Examples per forward on one rank; defaults to ``train.micro_batch_size``."""
     optimum: Optional[float] = None
     """f_i^*: the objective's optimal value, if known (maxright gaps, distance to ideal point)."""
+
+    aliases: ClassVar[dict[str, str]] = {}
+    """Other names a kind accepts for its fields in configs (``{"loss_type": "loss"}``): the name a
+    field had in earlier versions, so saved ``config.yaml`` files keep loading. Giving a field under
+    both names is an error."""
 
     def check(self, where: str) -> None:
         """Reject values of this kind's own fields that cannot run (``where``: ``objectives.N``);

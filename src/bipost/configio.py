@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import typing
 from functools import lru_cache
@@ -16,7 +17,8 @@ import yaml
 from bipost import config as C
 from bipost.config import ConfigError
 
-__all__ = ["ConfigError", "apply_override", "describe", "from_dict", "load_config", "validate", "validate_eval"]
+__all__ = ["ConfigError", "apply_override", "canonical_objective", "describe", "from_dict", "load_config", "validate",
+           "validate_eval"]
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -96,30 +98,65 @@ def from_dict(cls, data: dict, where: str = ""):
 def objective_from_dict(data: dict, where: str) -> C.ObjectiveConfig:
     """An objective's config as its kind's dataclass (``objectives.N.kind`` picks it).
 
-    A field of *another* kind is accepted only at that kind's default value (configs saved by
-    earlier bipost versions list every kind's fields on every objective) and is dropped."""
+    A field may be given under an alias its kind declares (``ObjectiveConfig.aliases``: an earlier
+    name). A field of *another* kind (or an alias of one) is accepted only at a default value such a
+    kind gives it (configs saved by earlier bipost versions list every kind's fields on every
+    objective) and is dropped."""
     from bipost.kinds import get_kind, kinds  # the kind modules declare their configs
 
     kind = str(data.get("kind", C.ObjectiveConfig.kind))
     if kind not in kinds():
         raise ConfigError(f"{where}.kind must be one of {', '.join(kinds())}, not {kind!r}")
     cls = get_kind(kind).config_class
+    data = _aliases_renamed(cls, data, where)
     own = {f.name for f in dataclasses.fields(cls)}
-    foreign = {}
+    foreign: dict[str, list[tuple[str, Any, Any]]] = {}  # key -> (kind, type, default) of each kind that has it
     for other in kinds().values():
-        for f in dataclasses.fields(other.config_class):
-            if f.name not in own:
-                foreign.setdefault(f.name, (other.kind, f))
+        ocls = other.config_class
+        hints = _type_hints(ocls)
+        fields = {f.name: f for f in dataclasses.fields(ocls)}
+        names = {**{n: n for n in fields}, **ocls.aliases}
+        for key, name in names.items():
+            if key not in own and name in fields:
+                f = fields[name]
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                foreign.setdefault(key, []).append((other.kind, hints[name], default))
     kept = {}
     for key, value in data.items():
         if key in own or key not in foreign:
             kept[key] = value  # unknown keys: from_dict names them
             continue
-        other, f = foreign[key]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        if _coerce(value, _type_hints(get_kind(other).config_class)[key], f"{where}.{key}") != default:
-            raise ConfigError(f"{where}.{key} is a field of {other} objectives, not of {kind}")
+        if not any(_is_value(value, tp, default, f"{where}.{key}") for _, tp, default in foreign[key]):
+            owners = ", ".join(sorted({k for k, _, _ in foreign[key]}))
+            raise ConfigError(f"{where}.{key} is a field of {owners} objectives, not of {kind}")
     return from_dict(cls, kept, where)
+
+
+def _is_value(value: Any, tp: Any, expected: Any, where: str) -> bool:
+    try:
+        return _coerce(value, tp, where) == expected
+    except ConfigError:
+        return False
+
+
+def _aliases_renamed(cls, data: dict, where: str) -> dict:
+    """``data`` with the aliases of config class ``cls`` renamed to their fields."""
+    out = dict(data)
+    for alias, name in getattr(cls, "aliases", {}).items():
+        if alias in out:
+            if name in out:
+                raise ConfigError(f"{where}.{alias} is another name of {where}.{name}: give only one of them")
+            out[name] = out.pop(alias)
+    return out
+
+
+def canonical_objective(data: dict, where: str = "objective") -> dict:
+    """An objective's plain dict with its kind's aliases renamed to their fields (e.g. the settings a
+    checkpoint saved before a field was renamed); a dict of an unknown kind is returned as is."""
+    from bipost.kinds import kinds
+
+    cls = kinds().get(str(data.get("kind", C.ObjectiveConfig.kind)))
+    return dict(data) if cls is None else _aliases_renamed(cls.config_class, data, where)
 
 
 def to_dict(cfg) -> dict:
@@ -214,6 +251,13 @@ def validate(cfg: C.RunConfig) -> None:
                f"{w}: batch_size {obj.batch_size} must be a multiple of micro_batch_size {obj.micro_batch_size}")
         _check(obj.data.max_len >= 4, f"{w}.data.max_len must be >= 4")
         _check(0.0 <= obj.data.eval_fraction < 1.0, f"{w}.data.eval_fraction must be in [0, 1)")
+        _check(obj.data.weight_key is None or bool(obj.data.weight_key),
+               f"{w}.data.weight_key names a column (unset: no per-row weights)")
+        _check(obj.data.missing_weight is None or (math.isfinite(obj.data.missing_weight)
+                                                   and obj.data.missing_weight >= 0),
+               f"{w}.data.missing_weight must be a finite number >= 0")
+        _check(obj.data.missing_weight is None or bool(obj.data.weights_file),
+               f"{w}.data.missing_weight is the weight of rows data.weights_file does not list: set data.weights_file")
         from bipost.kinds import get_kind
 
         _check(isinstance(obj, get_kind(obj.kind).config_class),
@@ -412,5 +456,7 @@ def _describe_kinds(prefix: str) -> list[str]:
         doc = " ".join((kind.__doc__ or "").split())
         lines.append(f"{prefix[:-1]} with kind={name}: {doc}")
         hints, docs = _type_hints(cls), field_docs(cls)
-        lines += [_leaf(f, hints[f.name], prefix + f.name, docs) for f in own]
+        also = {name: alias for alias, name in cls.aliases.items()}
+        lines += [_leaf(f, hints[f.name], prefix + f.name, docs)
+                  + (f" (also accepted as {also[f.name]})" if f.name in also else "") for f in own]
     return lines

@@ -49,7 +49,8 @@ def exit_code_for(err: BaseException) -> int | None:
     """The documented exit code of an error a run can end with (None: an unexpected error)."""
     from bipost.configio import ConfigError
     from bipost.data import DataError
-    from bipost.train.checkpoint import CheckpointLoadError, CheckpointWriteError
+    from bipost.train.checkpoint import CheckpointWriteError
+    from bipost.train.resume import CheckpointLoadError
     from bipost.engine import CollectiveError
     from bipost.train.guard import NonFiniteError
     from bipost.train.preempt import Preempted

@@ -9,7 +9,7 @@ import sys
 
 from bipost.cli.common import run_guarded, setup_process
 
-COMMANDS = ["train", "eval", "demo", "compare", "select"]
+COMMANDS = ["train", "eval", "demo", "compare", "select", "distill"]
 """Modules ``bipost.cli.cmd_<name>``; each registers one or more sub-commands."""
 
 

@@ -9,9 +9,10 @@ Which flag reaches which objective follows the seed exactly:
 
 * ``--input_key/--output_key`` belong to the SFT/KD objective; ``--input_key_2/--output_key_2``
   to objective 2 only when *both* objectives are SFT/KD.
-* ``--pref_*_key`` and ``--dpo_*`` belong to the DPO objective; their ``_2`` forms to objective 2
-  only when both are DPO.
-* ``--ref_model`` is the DPO reference or the KD teacher of whichever objective needs one;
+* ``--pref_*_key`` belong to the objective that reads preference data (DPO, SimPO, ORPO, KTO), their
+  ``_2`` forms to objective 2 only when both do; a kind's own flags (``--dpo_*``, ``--simpo_*``,
+  ``--orpo_*``, ``--kto_*``) likewise, their ``_2`` forms when both objectives are of that kind.
+* ``--ref_model`` is the DPO/KTO reference or the KD teacher of whichever objective needs one;
   ``--ref_model_2`` is objective 2's only when both need one. A DPO objective without a model uses
   the policy's initial weights (the seed used ``--pretrain``; with LoRA: the adapter disabled).
 
@@ -37,7 +38,7 @@ log = logging.getLogger("bipost")
 PROG = "python -m bipost.cli.train_bi_objective"
 
 DESCRIPTION = """\
-Train two objectives (SFT, DPO or KD, any pair) in one run with one schedule: the BiPOST /
+Train two objectives (SFT, DPO, SimPO, ORPO, KTO or KD, any pair) in one run with one schedule: the BiPOST /
 ALRIGHT / MAXRIGHT command line on bipost's training loop. Runs as is, or under
 `deepspeed --module`, `torchrun -m` and `accelerate launch -m`."""
 
@@ -93,7 +94,9 @@ def _needs_model(kind: str) -> bool:
 
 
 def _is_pref(kind: str) -> bool:
-    return get_kind(kind).examples.name == "pref"
+    """The kind reads preference data (DPO, SimPO, ORPO; KTO splits each pair into two rows): the
+    ``--pref_*_key`` flags are its."""
+    return "preference" in get_kind(kind).examples.formats
 
 
 def _number_or_none(value: str) -> int:
@@ -136,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs --obj_opt_1/2), or where the held-out losses are within eps of a reference "
                         "Pareto point")
     g.add_argument("--ref_model", default=None,
-                   help="DPO reference or KD teacher of the objective that needs one "
-                        "(DPO default: the policy's initial weights)")
+                   help="DPO/KTO reference or KD teacher of the objective that needs one "
+                        "(DPO/KTO default: the policy's initial weights)")
     g.add_argument("--ref_model_2", default=None, help="obj_2's reference/teacher when both objectives need one")
 
     g = p.add_argument_group("data (objective N = 1, 2)")
@@ -266,8 +269,9 @@ def _data(args, n: int, kind: str, kinds: list[str]) -> dict:
     if _is_pref(kind):
         both = all(_is_pref(k) for k in kinds)
         for key in ("prompt", "chosen", "rejected"):
-            data[f"{key}_key"] = _pick(args, f"pref_{key}_key", n, both, key, "preference (DPO)")
-        data["format"] = "preference"
+            data[f"{key}_key"] = _pick(args, f"pref_{key}_key", n, both, key, "preference-data objectives")
+        # A kind with other formats too (KTO: unpaired rows) takes whichever the data's keys show.
+        data["format"] = "preference" if get_kind(kind).examples.formats == ("preference",) else "auto"
         if getattr(args, f"apply_chat_template_{n}"):
             log.info("--apply_chat_template_%d: preference conversations are always rendered with the "
                      "chat template", n)
@@ -322,9 +326,13 @@ def _frozen_model(args, n: int, kinds: list[str]) -> str | None:
     objective 2 when both do."""
     needs = [_needs_model(k) for k in kinds]
     if args.ref_model and not any(needs):
-        _fail("--ref_model is the DPO reference or KD teacher, but neither objective is DPO or KD")
+        from bipost.kinds import kinds as registered
+
+        users = [k.cli_name for k in registered().values() if k.seed_model]
+        names = ", ".join(users[:-1]) + f" or {users[-1]}" if len(users) > 1 else users[0]
+        _fail(f"--ref_model is the reference or teacher of a {names} objective, but neither objective is {names}")
     if args.ref_model_2 and not all(needs):
-        _fail("--ref_model_2 is used only when both objectives need a model (DPO/KD); "
+        _fail("--ref_model_2 is used only when both objectives need a model (DPO/KD/KTO); "
               "use --ref_model for the one that does")
     if not needs[n - 1]:
         return None

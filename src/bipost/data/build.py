@@ -9,7 +9,8 @@ stops once ``max_samples`` rows are in.
 Every row of the split up to ``max_samples`` ends up either as an example (with its row id and
 whether its response was truncated) or as a skip with its reason; which rows train and which are
 held out is decided when the store is loaded (``data/load.py``), so one store serves every
-``eval_fraction`` / ``seed``.
+``eval_fraction`` / ``seed``. With ``data.weight_key`` every row's weight is read and checked too,
+and each example's is kept in the store's auxiliary column ``weight`` (``data/weights.py``).
 
 Errors: a worker numbers rows within its chunk (it cannot know how many rows earlier chunks
 hold). When a chunk raises :class:`DataError`, the main process parses that chunk again with
@@ -34,12 +35,14 @@ from bipost.data.formats import format_row
 from bipost.data.sources import Chunk, DataError, Numbering, Split, chunk_rows, count_rows, iter_chunks
 from bipost.data.store import StoreWriter, schema_of, to_columns
 from bipost.data.tokenize import TokenPolicy
+from bipost.data.weights import WEIGHT_COLUMN, row_weight
 
 logger = logging.getLogger("bipost")
 
 RowEncoder = Callable[[Sequence[tuple], Any, int], list]
 """``encode(items, policy, max_len) -> [(example or skip reason, truncated), ...]`` where an item
-is ``(row_id, *text parts)`` (e.g. ``tokenize.encode_sft_rows``)."""
+is ``(row_id, *text parts)`` (e.g. ``tokenize.encode_sft_rows``). A row may also give several
+examples, all with its row id: ``((example, ...), (truncated, ...))``."""
 
 
 @dataclass
@@ -57,6 +60,8 @@ class BuildSpec:
     """The store's dtype of token ids (``store.token_dtype``)."""
     format_row: Callable = format_row
     """``(row, fmt, cfg, tokenizer) -> text parts | skip reason`` (the example type's; ``formats.format_row``)."""
+    weight_key: Optional[str] = None
+    """Column of each row's loss weight (``data.weight_key``), kept as the auxiliary column ``weight``."""
 
 
 @dataclass
@@ -71,6 +76,8 @@ class ChunkResult:
     skip_reasons: list[str] = field(default_factory=list)
     skip_stage: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
     """0: skipped by the format (``format_row``), 1: by the encoder (e.g. too long)."""
+    weights: Optional[np.ndarray] = None
+    """Each example's weight (``BuildSpec.weight_key``), float64; None without weights."""
     error: bool = False
     """A :class:`DataError` was raised in a worker; the main process re-raises it exactly."""
 
@@ -82,25 +89,34 @@ def process_chunk(spec: BuildSpec, chunk: Chunk, index0: int = 0, line0: int = 0
     if limit is not None:
         rows = rows[:limit]
     items: list[tuple] = []
+    item_weights: list[float] = []
     skip_ids: list[int] = []
     reasons: list[str] = []
     tokenizer = spec.policy.tokenizer
     for row in rows:
+        # Every row's weight is checked, a skipped one's too: a bad weight is bad data either way.
+        weight = row_weight(row, spec.weight_key) if spec.weight_key else 1.0
         text = spec.format_row(row, spec.fmt, spec.cfg, tokenizer)
         if isinstance(text, str):
             skip_ids.append(row.row_id)
             reasons.append(text)
         else:
             items.append((row.row_id, *vars(text).values()))
+            item_weights.append(weight)
     n_format = len(skip_ids)
-    examples, cuts = [], []
-    for item, (result, cut) in zip(items, spec.encode(items, spec.policy, spec.max_len) if items else []):
+    examples, cuts, weights = [], [], []
+    encoded = spec.encode(items, spec.policy, spec.max_len) if items else []
+    for item, weight, (result, cut) in zip(items, item_weights, encoded):
         if isinstance(result, str):
             skip_ids.append(item[0])
             reasons.append(result)
+        elif isinstance(result, tuple):  # several examples of one row (e.g. a pair split in two), same row id
+            examples += result
+            cuts += cut if isinstance(cut, tuple) else [cut] * len(result)
         else:
             examples.append(result)
             cuts.append(cut)
+            weights.append(weight)
     order = np.argsort(np.asarray(skip_ids, dtype=np.int64), kind="stable")
     return ChunkResult(
         n_rows=len(rows), n_lines=n_lines,
@@ -108,6 +124,7 @@ def process_chunk(spec: BuildSpec, chunk: Chunk, index0: int = 0, line0: int = 0
         truncated=np.asarray(cuts, dtype=bool),
         skip_ids=np.asarray(skip_ids, dtype=np.int64)[order], skip_reasons=[reasons[i] for i in order],
         skip_stage=(np.arange(len(skip_ids)) >= n_format).astype(np.int8)[order],
+        weights=np.asarray(weights, dtype=np.float64) if spec.weight_key else None,
     )
 
 
@@ -230,7 +247,14 @@ def build_store(split: Split, spec: BuildSpec, folder: Path, max_samples: Option
             keep = res.columns["row_id"][0] < n_rows
             columns = {k: _take(v, keep) for k, v in res.columns.items()}
             columns["row_id"] = (columns["row_id"][0] + rows_done,)
-            writer.append(columns, aux={"truncated": res.truncated[keep]})
+            aux = {"truncated": res.truncated[keep]}
+            if res.weights is not None:
+                aux[WEIGHT_COLUMN] = res.weights[keep]
+            try:
+                writer.append(columns, aux=aux)
+            except ValueError as e:  # e.g. a ragged field whose trailing shape changes between chunks
+                first = int(columns["row_id"][0][0]) if len(columns["row_id"][0]) else rows_done
+                raise DataError(f"data '{split.path}' [{split.split}], rows from {first} ({chunk.source}): {e}") from e
             skip_keep = res.skip_ids < n_rows
             skip_ids.append(res.skip_ids[skip_keep] + rows_done)
             skip_stage.append(res.skip_stage[skip_keep])

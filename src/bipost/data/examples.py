@@ -34,7 +34,8 @@ class ExampleType:
     """What the formats are, for error messages."""
     encode: Callable
     """``(items, tokenizer, max_len) -> [(example | skip reason, truncated)]``, an item being
-    ``(row_id, *text parts)`` (``data.tokenize``; runs in the store builder's workers)."""
+    ``(row_id, *text parts)`` (``data.tokenize``; runs in the store builder's workers). A row that
+    gives several examples (all with its row id) returns ``((example, ...), (truncated, ...))``."""
     collate: Callable[[Sequence, int], dict]
     """Padded micro-batch of examples, given the pad id (``data.collate``)."""
     pack: Callable[[Sequence], dict]

@@ -1,4 +1,5 @@
-"""Turning a raw row into text parts: (prompt, response) for SFT/KD, (prompt, chosen, rejected) for DPO.
+"""Turning a raw row into text parts: (prompt, response) for SFT/KD, (prompt, chosen, rejected) for DPO,
+(prompt, completion, label) for unpaired feedback (KTO).
 
 Formats (``DataConfig.format``):
 
@@ -16,6 +17,9 @@ Formats (``DataConfig.format``):
   ``"Assistant:"`` inside it (so the prompt ends with ``"\\n\\nAssistant:"``), or, without
   that marker, to just before its last whitespace; the responses are the remainders (they
   start with that whitespace, which byte-level BPEs fold into the next word's token).
+* ``unpaired_preference`` (TRL's KTO data): ``prompt``/``completion`` as in ``prompt_completion``
+  (strings or conversations) and a boolean ``label`` (``label_key``): true for a desirable
+  completion, false for an undesirable one.
 * ``auto``: picked from the first row's keys (see :func:`detect_format`).
 
 Conversations are rendered so that the prompt text is
@@ -42,7 +46,7 @@ from bipost.data.sources import DataError, Row
 
 logger = logging.getLogger("bipost")
 
-FORMATS = ("input_output", "prompt_completion", "messages", "preference")
+FORMATS = ("input_output", "prompt_completion", "messages", "preference", "unpaired_preference")
 
 IMPLICIT_PROMPT_MARKER = "Assistant:"
 """Where an implicit (HH-RLHF style) prompt ends: just after the last such marker shared by both dialogues."""
@@ -65,6 +69,15 @@ class PrefText:
     rejected: str
 
 
+@dataclass(frozen=True)
+class LabeledText:
+    """A prompt and one completion, labeled desirable (True) or undesirable (False)."""
+
+    prompt: str
+    completion: str
+    label: bool
+
+
 class _Skip(Exception):
     """Internal: this row is skipped for the reason in ``args[0]``."""
 
@@ -72,7 +85,8 @@ class _Skip(Exception):
 def detect_format(keys: Iterable[str], cfg: DataConfig, accepted: Iterable[str] = FORMATS) -> Optional[str]:
     """The format a row with ``keys`` looks like, preferring one of ``accepted``.
 
-    Checked in this order: ``messages_key`` → messages; ``prompt_key`` + ``completion_key`` →
+    Checked in this order: ``messages_key`` → messages; ``prompt_key`` + ``completion_key`` +
+    ``label_key`` → unpaired_preference; ``prompt_key`` + ``completion_key`` →
     prompt_completion; ``chosen_key`` + ``rejected_key`` → preference; ``input_key`` +
     ``output_key`` → input_output. The first match in ``accepted`` wins; otherwise the
     first match (which :func:`resolve_format` then rejects); ``None`` when nothing matches.
@@ -81,6 +95,8 @@ def detect_format(keys: Iterable[str], cfg: DataConfig, accepted: Iterable[str] 
     matches = []
     if cfg.messages_key in keys:
         matches.append("messages")
+    if cfg.prompt_key in keys and cfg.completion_key in keys and cfg.label_key in keys:
+        matches.append("unpaired_preference")
     if cfg.prompt_key in keys and cfg.completion_key in keys:
         matches.append("prompt_completion")
     if cfg.chosen_key in keys and cfg.rejected_key in keys:
@@ -113,7 +129,8 @@ def resolve_format(cfg: DataConfig, first_row: Optional[Row], examples, name: st
             raise DataError(
                 f"'{name}': can't detect the data format from the first row's keys "
                 f"{sorted(first_row.data)}; expected '{cfg.messages_key}' (messages), "
-                f"'{cfg.prompt_key}'+'{cfg.completion_key}' (prompt_completion), "
+                f"'{cfg.prompt_key}'+'{cfg.completion_key}' (prompt_completion; with '{cfg.label_key}': "
+                f"unpaired_preference), "
                 f"'{cfg.chosen_key}'+'{cfg.rejected_key}' (preference) or "
                 f"'{cfg.input_key}'+'{cfg.output_key}' (input_output); set data.format and the *_key fields"
             )
@@ -126,7 +143,7 @@ def resolve_format(cfg: DataConfig, first_row: Optional[Row], examples, name: st
     return fmt
 
 
-def format_row(row: Row, fmt: str, cfg: DataConfig, tokenizer: Any = None) -> SFTText | PrefText | str:
+def format_row(row: Row, fmt: str, cfg: DataConfig, tokenizer: Any = None) -> SFTText | PrefText | LabeledText | str:
     """Text parts of ``row`` in format ``fmt``, or the reason string when the row is skipped.
 
     ``tokenizer`` (its chat template) is only needed for conversations.
@@ -139,6 +156,9 @@ def format_row(row: Row, fmt: str, cfg: DataConfig, tokenizer: Any = None) -> SF
             return _prompt_completion(row, cfg, tokenizer)
         if fmt == "messages":
             return _messages(row, cfg, tokenizer)
+        if fmt == "unpaired_preference":
+            text = _prompt_completion(row, cfg, tokenizer)
+            return LabeledText(text.prompt, text.response, _label(row, cfg.label_key))
         if fmt == "preference":
             pair = _preference(row, cfg, tokenizer)
             if pair.chosen == pair.rejected:
@@ -173,6 +193,15 @@ def _shape(row: Row, key: str, value: Any = ...) -> str:
             raise _Skip(f"empty '{key}'")
         return "conv"
     raise _Skip(f"non-string '{key}'")
+
+
+def _label(row: Row, key: str) -> bool:
+    value = _require(row, key)
+    if value is None:
+        raise _Skip(f"null '{key}'")
+    if type(value).__name__ not in ("bool", "bool_"):  # Python's or numpy's bool, not 0/1 or "true"
+        raise _Skip(f"non-boolean '{key}'")
+    return bool(value)
 
 
 def _string(row: Row, key: str) -> str:

@@ -12,6 +12,9 @@ Order of operations (each keeps the rows' original ``row_id``):
    with ``cfg.seed``; never in training). ``max_eval_samples`` keeps a random subset of the
    held-out rows; the rest are *not* returned to training, so the training set does not depend on
    it. The split is a choice of store rows, so it needs no rebuild when these settings change.
+4. per-row weights of the training rows (``data.weight_key``, kept in the store;
+   ``data.weights_file``, joined on row ids here): rows of weight 0 leave training
+   (``data/weights.py``); ``ObjectiveData.weigh`` puts them on the training stream's batches.
 
 ``ObjectiveData.train`` / ``.eval`` are :class:`~bipost.data.store.ExampleView` s: sequences of
 examples whose token fields are read-only numpy views of the memory-mapped store.
@@ -24,7 +27,7 @@ import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -38,13 +41,14 @@ from bipost.data.sources import DataError, Split, iter_rows, resolve_split
 from bipost.data.store import ExampleView, TokenStore, schema_of, token_dtype, type_name
 from bipost.data.tokenize import TokenPolicy
 from bipost.data.types import PrefExample, SFTExample
+from bipost.data.weights import WEIGHT_COLUMN, RowWeights, training_weights
 
 logger = logging.getLogger("bipost")
 
 Example = Union[SFTExample, PrefExample]
 
 FORMAT_KEYS = ("format", "input_key", "output_key", "input_template", "prompt_key", "completion_key",
-               "messages_key", "chosen_key", "rejected_key", "max_len")
+               "messages_key", "chosen_key", "rejected_key", "label_key", "max_len")
 """The ``DataConfig`` fields a store's examples depend on (besides the source, split and cap)."""
 
 
@@ -73,6 +77,10 @@ class LoadSummary:
     """Eval rows skipped, by reason."""
     truncated: int = 0
     """Training examples whose response (either side of a pair) was cut to ``max_len``."""
+    weighted: str = ""
+    """Where the training examples' weights come from (``data.weight_key`` / ``weights_file``), or ``""``."""
+    zero_weight: int = 0
+    """Training examples left out because their weight is 0."""
     max_len: int = 0
     cache: str = ""
     """``"built"`` when this load tokenized the data (a store was written), ``"cached"`` when it
@@ -102,6 +110,10 @@ class LoadSummary:
             text += f"; skipped {sum(self.eval_skipped.values())} eval rows ({reasons(self.eval_skipped)})"
         if self.truncated:
             text += f"; {self.truncated} training responses truncated to max_len={self.max_len}"
+        if self.weighted:
+            text += f"; training rows weighted by {self.weighted}"
+        if self.zero_weight:
+            text += f" ({self.zero_weight} of weight 0 left out)"
         if self.cache:
             text += f"; tokens {self.cache} ({self.store})"
         return text + "."
@@ -120,10 +132,19 @@ class ObjectiveData:
     """Their example type."""
     pad_id: int = 0
     """Padding id to collate with (the tokenizer's pad id, else its EOS id)."""
+    weights: Optional[np.ndarray] = None
+    """float64 weight of each training example (``train`` order; all > 0), or None without per-row
+    weights (``data.weight_key`` / ``weights_file``; ``data/weights.py``)."""
 
     def collate(self, examples: Sequence[Example]) -> dict:
         """Padded micro-batch of ``examples`` with :attr:`pad_id`."""
         return self.examples.collate(examples, self.pad_id)
+
+    def weigh(self, collate: Callable[[list], dict]) -> Callable[[list], dict]:
+        """The training stream's ``collate``: batches also carry ``weights`` when the data has them."""
+        if self.weights is None:
+            return collate
+        return RowWeights(np.asarray(self.train.row_ids), self.weights).attach(collate)
 
 
 def _hold_out(n: int, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -145,8 +166,9 @@ def _hold_out(n: int, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _store(cfg: DataConfig, etype: ExampleType, split: Split, cap: Optional[int], fmt: str,
-           policy: TokenPolicy, who: str) -> tuple[TokenStore, bool]:
-    """The token store of ``split``'s first ``cap`` rows in format ``fmt`` (``auto``: from its first row)."""
+           policy: TokenPolicy, who: str, weight_key: Optional[str] = None) -> tuple[TokenStore, bool]:
+    """The token store of ``split``'s first ``cap`` rows in format ``fmt`` (``auto``: from its first row),
+    with each example's ``weight_key`` weight when it is set."""
     example_cls, encode, format_row = etype.example, etype.encode, etype.format_row
     cache_dir = resolve_cache_dir(cfg.cache_dir)
     fields = {
@@ -157,6 +179,8 @@ def _store(cfg: DataConfig, etype: ExampleType, split: Split, cap: Optional[int]
         "split": split.split, "max_samples": cap, "config": {k: getattr(cfg, k) for k in FORMAT_KEYS} | {"format": fmt},
         "tokenizer": tokenizer_fingerprint(policy.tokenizer),
     }
+    if weight_key:  # only then: a store without weights keeps its key
+        fields["weight_key"] = weight_key
 
     infos = []
 
@@ -169,7 +193,8 @@ def _store(cfg: DataConfig, etype: ExampleType, split: Split, cap: Optional[int]
         resolved = resolve_format(dataclasses.replace(cfg, format=fmt), first, etype, who=who)
         tokenizer = policy.tokenizer
         vocab = max(len(tokenizer), 1 + max(tokenizer.get_vocab().values(), default=0))
-        spec = BuildSpec(cfg, resolved, policy, example_cls, encode, cfg.max_len, token_dtype(vocab), format_row)
+        spec = BuildSpec(cfg, resolved, policy, example_cls, encode, cfg.max_len, token_dtype(vocab), format_row,
+                         weight_key)
         infos.append(build_store(split, spec, folder, cap, cfg.num_proc or default_num_proc(),
                                  meta={"key": fields, "format": resolved,
                                        "first_keys": sorted(first.data) if first is not None else None}))
@@ -232,7 +257,8 @@ def load_objective_data(cfg: DataConfig, examples: ExampleType | str, tokenizer:
     policy = TokenPolicy.of(tokenizer)
     summary = LoadSummary(path=cfg.path, split=cfg.split, kind=kind, max_len=cfg.max_len)
 
-    store, built = _store(cfg, etype, resolve_split(cfg.path, cfg.split), cfg.max_samples, cfg.format, policy, who)
+    store, built = _store(cfg, etype, resolve_split(cfg.path, cfg.split), cfg.max_samples, cfg.format, policy, who,
+                          cfg.weight_key)
     summary.format = fmt = store.meta["format"]
     summary.rows_read, summary.rows_used = store.meta["rows_read"], store.meta["rows_used"]
     n = summary.rows_used
@@ -257,6 +283,15 @@ def load_objective_data(cfg: DataConfig, examples: ExampleType | str, tokenizer:
         summary.eval_rows = len(eval_rows)
 
     train, summary.skipped = _choose(store, roles, TRAIN)
+    stored = store.aux[WEIGHT_COLUMN][train.index] if cfg.weight_key else None
+    weights = training_weights(cfg, stored, train.row_ids)
+    if weights is not None:
+        summary.weighted = " and ".join(x for x in (cfg.weight_key and f"column '{cfg.weight_key}'",
+                                                    cfg.weights_file and f"file '{cfg.weights_file}'") if x)
+        keep = weights > 0
+        summary.zero_weight = int((~keep).sum())
+        if summary.zero_weight:  # weight 0 is the row absent: never drawn, no compute spent on it
+            train, weights = train[np.flatnonzero(keep)], weights[keep]
     if eval_store is not None:
         evals, summary.eval_skipped = _choose(eval_store, np.full(summary.eval_rows, EVAL, np.int8), EVAL)
     else:
@@ -264,9 +299,12 @@ def load_objective_data(cfg: DataConfig, examples: ExampleType | str, tokenizer:
     summary.truncated = int(store.aux["truncated"][train.index].sum())
     summary.train_kept, summary.eval_kept = len(train), len(evals)
     summary.cache, summary.store = ("built" if built else "cached"), str(store.path)
+    if not len(train) and summary.zero_weight:
+        raise DataError(f"data '{cfg.path}': every training row has weight 0 ({summary.weighted})")
     if not len(train):
         raise _all_skipped("training", int((roles == TRAIN).sum()), summary.skipped, cfg)
     if summary.eval_rows and not len(evals):
         raise _all_skipped("eval", summary.eval_rows, summary.eval_skipped, cfg)
     logger.info("%s", summary)
-    return ObjectiveData(train=train, eval=evals, summary=summary, examples=etype, pad_id=policy.pad_id)
+    return ObjectiveData(train=train, eval=evals, summary=summary, examples=etype, pad_id=policy.pad_id,
+                         weights=weights)

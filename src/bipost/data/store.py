@@ -45,7 +45,7 @@ STORE_VERSION = 1
 """Layout version of a store folder (part of the cache key through ``DATA_CODE_VERSION``)."""
 MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
-RELEASE_EVERY = 256
+RELEASE_EVERY = 64
 """Examples read between two :meth:`TokenStore.release` calls (bounds the mapped pages a process holds)."""
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
@@ -421,3 +421,26 @@ class ExampleView(Sequence):
 
     def __repr__(self) -> str:
         return f"ExampleView({len(self)} {self.store.cls.__name__} of {self.store.path})"
+
+
+class Concat(Sequence):
+    """Several example sequences read as one (e.g. train + eval for a reference cache pass), by
+    position, without materialising a list of examples."""
+
+    def __init__(self, *parts: Sequence[Any]):
+        self.parts = parts
+        self._ends = np.cumsum([len(p) for p in parts], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = as_index(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"example {i} out of range for {len(self)} examples")
+        k = int(np.searchsorted(self._ends, i, side="right"))
+        return self.parts[k][i - (int(self._ends[k - 1]) if k else 0)]

@@ -29,7 +29,7 @@ from bipost.config import EvalConfig, JudgeConfig
 from bipost.evaluation import scores as S
 from bipost.generation import generate
 
-REFERENCE_FIELDS = {"sft": "response_ids", "pref": "chosen_ids"}
+REFERENCE_FIELDS = {"sft": "response_ids", "pref": "chosen_ids", "kd_topk": "response_ids"}
 """Example type -> the field holding the reference response its generations are scored against."""
 
 

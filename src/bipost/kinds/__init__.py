@@ -9,7 +9,7 @@ import pkgutil
 from functools import lru_cache
 
 from bipost.config import ConfigError
-from bipost.kinds.base import BuildContext, Objective, StepContext
+from bipost.kinds.base import BuildContext, Objective, PairObjective, StepContext
 
 ENTRY_POINTS = "bipost.objectives"
 
@@ -65,4 +65,4 @@ def make_objective(kind: str, forward=None, packing: bool = False, frozen=None, 
     return cls(cfg, forward, packing, **needs)
 
 
-__all__ = ["BuildContext", "Objective", "StepContext", "get_kind", "kind_of_cli_name", "kinds", "make_objective"]
+__all__ = ["BuildContext", "Objective", "PairObjective", "StepContext", "get_kind", "kind_of_cli_name", "kinds", "make_objective"]

@@ -5,8 +5,9 @@ declares, side by side:
 
 * its config: a dataclass extending :class:`bipost.config.ObjectiveConfig` with the kind's own
   fields (one docstring each) and their validation (``check``);
-* its data: the example type it trains on (``examples``: which row formats it accepts and how
-  they are encoded, collated and packed) and how many loss units a batch holds (``units``);
+* its data: the example type it trains on (``examples``, or ``examples_for(cfg)`` when a setting
+  picks it: which row formats it accepts and how they are encoded, collated and packed) and how many
+  loss units a batch holds (``row_units``);
 * what frozen model or cached artifact it needs, built in :meth:`Objective.build` and handed to its
   constructor (nothing is attached to it later);
 * its loss on a micro-batch (``loss``): model-side log-probs from :class:`~bipost.modeling.forward.Forward`,
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 
 from bipost.config import ObjectiveConfig
-from bipost.data.examples import SFT, ExampleType
+from bipost.data.examples import PREF, SFT, ExampleType
 from bipost.modeling.forward import Forward
 from bipost.objectives.base import ObjectiveOutput
 
@@ -106,6 +107,13 @@ class Objective:
         """The objective with everything it needs (frozen models, caches); default: nothing."""
         return cls(cfg, ctx.forward, ctx.packing)
 
+    @classmethod
+    def examples_for(cls, cfg: ObjectiveConfig) -> ExampleType:
+        """The example type an objective with config ``cfg`` trains on (what its data is loaded as).
+        Default: :attr:`examples`; a kind whose data depends on a setting (``kd`` with
+        ``teacher_logprobs: data``) overrides it."""
+        return cls.examples
+
     @property
     def name(self) -> str:
         return self.cfg.name or self.kind
@@ -179,3 +187,24 @@ class Objective:
         """Config fields from this kind's seed flags. ``pick(flag, default)`` is the flag's value for
         this objective (its ``_2`` form for objective 2 when both objectives are of this kind)."""
         return {}
+
+
+class PairObjective(Objective):
+    """A kind trained on preference pairs (``PREF``): the chosen and the rejected sequence of every
+    pair go through one forward (``collate_pref``'s rows ``0..n-1`` chosen, ``n..2n-1`` rejected, or
+    one packed row sharing each prompt); one loss unit per pair."""
+
+    examples = PREF
+
+    def num_seqs(self, batch: dict) -> int:
+        return 2 * int(batch["row_ids"].shape[0])
+
+    def row_units(self, batch: dict) -> torch.Tensor:
+        return torch.ones(int(batch["row_ids"].shape[0]), dtype=torch.float64)  # one per pair
+
+    def pair_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(chosen sums, chosen counts, rejected sums, rejected counts)``, each ``[n]``: the summed
+        response log-probs under ``model`` and the response token counts of the batch's pairs."""
+        n = int(batch["row_ids"].shape[0])
+        sums, counts = self.forward.sequence_logps(model, batch, 2 * n)
+        return sums[:n], counts[:n], sums[n:], counts[n:]

@@ -1,4 +1,5 @@
-"""``dpo``: Direct Preference Optimization (and IPO, cDPO, DPO + NLL) against a frozen reference."""
+"""``dpo``: Direct Preference Optimization and its family (IPO, cDPO, hinge, robust DPO, APO, + NLL) against a
+frozen reference."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import torch
 
 from bipost.config import ConfigError, ObjectiveConfig
 from bipost.data.examples import PREF
+from bipost.data.store import Concat
 from bipost.example_cache import ExampleCache, cache_meta, compute_rows, load_or_build
-from bipost.kinds.base import BuildContext, Objective
+from bipost.kinds.base import BuildContext, PairObjective
 from bipost.models import as_reference, is_peft, resolve_dtype
 from bipost.objectives import dpo_loss
-from bipost.objectives.dpo import check_dpo_args
+from bipost.objectives.dpo import DPOLoss, check_dpo_args
 
 
 @dataclass
@@ -22,7 +24,7 @@ class DPOConfig(ObjectiveConfig):
 
     beta: float = 0.1
     """Inverse temperature of the implicit reward."""
-    loss_type: str = "sigmoid"
+    loss: str = "sigmoid"
     """sigmoid (DPO) | ipo | hinge | robust | apo_zero | apo_down (docs/methods.md)."""
     label_smoothing: float = 0.0
     """Label noise epsilon in [0, 0.5): conservative DPO for sigmoid, the flip rate for robust (other losses: 0)."""
@@ -33,26 +35,27 @@ class DPOConfig(ObjectiveConfig):
     cache_reference: bool = False
     """Compute the reference log-probs once before training and cache them on disk (keyed by the data, reference model, tokenizer and max_len; a stale cache is rebuilt). No reference model is kept in memory while training."""
 
+    aliases = {"loss_type": "loss"}  # the name of `loss` in earlier versions (saved config.yaml files use it)
+
     def check(self, where: str) -> None:
         try:
-            check_dpo_args(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+            check_dpo_args(beta=self.beta, loss_type=self.loss, label_smoothing=self.label_smoothing,
                            nll_coef=self.nll_coef)
         except ValueError as e:
-            raise ConfigError(f"{where}.{e}") from None
+            raise ConfigError(f"{where}.{str(e).replace('loss_type', 'loss', 1)}") from None
 
 
 def _content(e) -> tuple:
     return (e.prompt_ids, e.chosen_ids, e.rejected_ids)
 
 
-class DPO(Objective):
+class DPO(PairObjective):
     """Chosen and rejected in one forward; the reference is cached log-probs (``ref_logps`` in the
     batch), a frozen model, or, with LoRA and no separate reference, the policy with its adapter
     disabled. Unit: a preference pair."""
 
     kind = "dpo"
     config_class = DPOConfig
-    examples = PREF
     cli_name = "DPO"
     seed_model = "reference"
     cfg: DPOConfig
@@ -88,12 +91,6 @@ class DPO(Objective):
 
         return with_reference
 
-    def num_seqs(self, batch):
-        return 2 * int(batch["row_ids"].shape[0])
-
-    def row_units(self, batch):
-        return torch.ones(int(batch["row_ids"].shape[0]), dtype=torch.float64)  # one per pair
-
     def reference_logps(self, model, batch) -> torch.Tensor:
         """Summed reference log-probs ``[2n]`` (chosen then rejected), without grad."""
         if "ref_logps" in batch:
@@ -113,7 +110,7 @@ class DPO(Objective):
         chosen_nll = -sums[:n] / counts[:n].clamp(min=1) if c.nll_coef > 0 else None
         return dpo_loss(
             sums[:n], sums[n:], ref[:n], ref[n:],
-            beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing,
+            beta=c.beta, loss_type=c.loss, label_smoothing=c.label_smoothing,
             chosen_nll=chosen_nll, nll_coef=c.nll_coef,
         )
 
@@ -123,24 +120,30 @@ class DPO(Objective):
         g = parser.add_argument_group("DPO (the _2 forms: obj_2's, when both objectives are DPO)")
         for sfx in ("", "_2"):
             g.add_argument(f"--dpo_beta{sfx}", type=float, default=None, help="inverse temperature (default 0.1)")
-            g.add_argument(f"--dpo_ipo{sfx}", action="store_true", default=None, help="IPO loss")
+            g.add_argument(f"--dpo_ipo{sfx}", action="store_true", default=None, help="IPO loss (= --dpo_loss ipo)")
+            g.add_argument(f"--dpo_loss{sfx}", choices=[k.value for k in DPOLoss], default=None,
+                           help="the DPO family's loss (default sigmoid; docs/methods.md)")
             g.add_argument(f"--dpo_label_smoothing{sfx}", type=float, default=None, help="cDPO epsilon (default 0)")
             g.add_argument(f"--dpo_nll_loss_coef{sfx}", type=float, default=None,
                            help="NLL on the chosen response (default 0)")
 
     @classmethod
     def seed_fields(cls, args, pick):
-        ipo, smoothing = pick("dpo_ipo", False), pick("dpo_label_smoothing", 0.0)
-        if ipo and smoothing:
-            raise ConfigError(f"{pick.flag('dpo_ipo')} and {pick.flag('dpo_label_smoothing')} contradict each other: "
-                              f"label smoothing (cDPO) belongs to the sigmoid DPO loss, IPO has none")
-        return {"beta": pick("dpo_beta", 0.1), "loss_type": "ipo" if ipo else "sigmoid",
-                "label_smoothing": smoothing, "nll_coef": pick("dpo_nll_loss_coef", 0.0)}
+        ipo, loss, smoothing = pick("dpo_ipo", False), pick("dpo_loss", None), pick("dpo_label_smoothing", 0.0)
+        if ipo and loss not in (None, "ipo"):
+            raise ConfigError(f"{pick.flag('dpo_ipo')} and {pick.flag('dpo_loss')} {loss} contradict each other")
+        loss = "ipo" if ipo else loss or "sigmoid"
+        if smoothing and loss not in ("sigmoid", "robust"):
+            raise ConfigError(f"{pick.flag('dpo_ipo') if ipo else pick.flag('dpo_loss') + ' ' + loss} and "
+                              f"{pick.flag('dpo_label_smoothing')} contradict each other: label smoothing belongs to "
+                              f"the sigmoid (cDPO) and robust losses")
+        return {"beta": pick("dpo_beta", 0.1), "loss": loss, "label_smoothing": smoothing,
+                "nll_coef": pick("dpo_nll_loss_coef", 0.0)}
 
 
 def _reference_cache(cfg: DPOConfig, ctx: BuildContext, ref_path: str) -> ExampleCache:
     """The reference's summed log-probs of every train and eval pair, ``[N, 2]`` (chosen, rejected)."""
-    examples = list(ctx.data.train) + list(ctx.data.eval)
+    examples = Concat(ctx.data.train, ctx.data.eval)  # by position: no Python object per example
     meta = cache_meta(examples, _content, "reference", ref_path, ctx.tokenizer, cfg.data.max_len,
                       str(resolve_dtype(ctx.run.model.dtype)))
     collate = PREF.collate_fn(ctx.tokenizer.pad_token_id, ctx.packing)

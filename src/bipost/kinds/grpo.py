@@ -243,9 +243,12 @@ class GRPO(Objective):
         except RewardError as e:
             error = e
         # One all-reduce: a reward function that failed on one rank stops every rank (none waits for
-        # it in a later collective), and the step's completions and units give the value's scale.
-        local = torch.tensor([sum(len(g.completion_ids) for g in generations),
-                              sum(float(b["units"].sum()) for b in out), float(error is not None)], dtype=torch.float64)
+        # it in a later collective), and the step's (weighted) completions and units give the value's
+        # scale: sum_s w_s * value_s / sum_s w_s * units_s is then the weighted mean of -r.
+        weights = [b.get("weights", torch.ones_like(b["units"])) for b in out]
+        local = torch.tensor([sum(float(w.sum()) for w in weights),
+                              sum(float((w * b["units"]).sum()) for w, b in zip(weights, out)), float(error is not None)],
+                             dtype=torch.float64)
         total = comm.all_reduce_sum(local).cpu()
         if total[2] > 0:
             raise error or RewardError(f"objective {self.name!r} at step {step.step + 1}: a reward function failed "
@@ -298,6 +301,8 @@ class GRPO(Objective):
             "truncated": torch.tensor(gen.truncated, dtype=torch.float32),
             "gen_tokens_per_s": torch.full((len(gen.completion_ids),), gen.tokens_per_second),
         }
+        if "weights" in batch:  # per-row weights (data.weight_key / weights_file): each completion its prompt's
+            stats["weights"] = batch["weights"].double()[torch.tensor(gen.prompt_index)]
         examples = [SFTExample(int(batch["row_ids"][i]), tuple(batch["prompt_ids"][i]), tuple(ids))
                     for i, ids in zip(gen.prompt_index, gen.completion_ids)]
         lengths = torch.tensor([len(ids) for ids in gen.completion_ids], dtype=torch.float64)

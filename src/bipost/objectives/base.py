@@ -18,7 +18,10 @@ Reduction contract (read this before writing an objective):
   the losses *and* in the units: the step's loss is ``sum(w_i * losses_i) / sum(w_i * units_i)``.
   So weight 1 everywhere is no weighting and weight 2 is the row duplicated. The loop applies the
   weights (:meth:`ObjectiveOutput.weighted`); objectives never see them.
-* ``losses / units`` is the per-example mean (e.g. the sequence-mean NLL the selector uses).
+* ``losses / units`` is the per-example mean (e.g. the sequence-mean NLL the selector uses; weights
+  scale both, so it is the same weighted or not: :func:`per_unit`).
+* Weighted units may sum to less than 1 (one pair of weight 0.5): divisors are only guarded against
+  0, never clamped to 1, so scaling every weight by the same factor changes nothing.
 * ``metrics`` are detached per-example tensors ``[B]``; the loop averages them over all
   examples of the step on all ranks. NaN marks an example a metric does not apply to (it is left
   out of that average).
@@ -44,3 +47,9 @@ class ObjectiveOutput:
         """Each example counted ``weights[i]`` times: losses and units scaled, metrics unchanged."""
         w = weights.to(self.losses.device, torch.float32)
         return ObjectiveOutput(self.losses * w, self.units * w, self.metrics)
+
+
+def per_unit(losses: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """``losses / units`` per example (the example's mean loss; unchanged by its weight), 0 where an
+    example has no units. Weighted units can be below 1, so they are not clamped to 1."""
+    return losses / torch.where(units > 0, units, torch.ones_like(units))

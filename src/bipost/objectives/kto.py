@@ -34,9 +34,23 @@ micro-batch, so its z0 changes with the micro-batch size and accumulation.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from bipost.objectives.base import ObjectiveOutput
+
+
+def check_kto_args(*, beta: float, desirable_weight: float, undesirable_weight: float) -> None:
+    """The one check of KTO's settings (the loss and the ``kto`` kind's config use it): a
+    ``ValueError`` whose message starts with the offending field's name."""
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    for name, w in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"{name} must be >= 0, got {w}")
+    if desirable_weight == undesirable_weight == 0:
+        raise ValueError("desirable_weight and undesirable_weight are both 0: nothing would be trained")
 
 
 def kto_kl_sums(
@@ -99,6 +113,7 @@ def kto_loss(
         desirable fraction), ``accuracy`` (the example is on its label's side of z0:
         ``r > z0`` if desirable, ``r < z0`` if not), ``z0``, ``logps`` (summed policy log-probs).
     """
+    check_kto_args(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
     shape = policy_logps.shape
     for name, t in (("ref_logps", ref_logps), ("desirable", desirable)):
         if t.shape != shape:

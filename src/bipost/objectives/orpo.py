@@ -40,6 +40,12 @@ _MEAN_LOGP_CAP = -torch.finfo(torch.float32).eps
 """Largest token-mean log-prob the log odds see (see the module docstring)."""
 
 
+def check_orpo_args(*, lambda_: float) -> None:
+    """The one check of ORPO's setting (the loss and the ``orpo`` kind's config use it)."""
+    if not (math.isfinite(lambda_) and lambda_ >= 0):
+        raise ValueError(f"lambda must be >= 0, got {lambda_}")
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(x))`` for ``x < 0``, accurate over the whole range (Maechler 2012)."""
     # Both branches are finite for x < 0, so torch.where's unused branch adds no NaN gradient.
@@ -73,6 +79,7 @@ def orpo_loss(
         ``accuracy`` (``lor > 0``, i.e. ``m_c > m_r``), ``logps_chosen``, ``logps_rejected``
         (the summed log-probs, as ``dpo_loss`` reports them).
     """
+    check_orpo_args(lambda_=lambda_)
     if policy_rejected_logps.shape != policy_chosen_logps.shape:
         raise ValueError(
             f"policy_rejected_logps has shape {tuple(policy_rejected_logps.shape)}, "

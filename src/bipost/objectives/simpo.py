@@ -25,10 +25,23 @@ Conventions elsewhere (so hyper-parameters carry over):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from bipost.objectives.base import ObjectiveOutput
+
+
+def check_simpo_args(*, beta: float, gamma: float, label_smoothing: float) -> None:
+    """The one check of SimPO's settings (the loss and the ``simpo`` kind's config use it): a
+    ``ValueError`` whose message starts with the offending field's name."""
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not math.isfinite(gamma):
+        raise ValueError(f"gamma must be a finite number, got {gamma}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
 
 
 def length_normalized_logps(sums: torch.Tensor, counts: torch.Tensor, name: str) -> torch.Tensor:
@@ -71,6 +84,7 @@ def simpo_loss(
         (their difference), ``accuracy`` (``margin > 0``), ``logps_chosen``, ``logps_rejected``
         (the summed log-probs, as ``dpo_loss`` reports them).
     """
+    check_simpo_args(beta=beta, gamma=gamma, label_smoothing=label_smoothing)
     if policy_rejected_logps.shape != policy_chosen_logps.shape:
         raise ValueError(
             f"policy_rejected_logps has shape {tuple(policy_rejected_logps.shape)}, "

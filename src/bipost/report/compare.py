@@ -101,7 +101,8 @@ def resolve_budget(cfg: RunConfig) -> int:
     from bipost.train.build import step_budget
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
-    runs = {o.name: SimpleNamespace(cfg=o, train=load_objective_data(o.data, get_kind(o.kind).examples, tokenizer).train)
+    runs = {o.name: SimpleNamespace(cfg=o, train=load_objective_data(o.data, get_kind(o.kind).examples_for(o),
+                                                                     tokenizer).train)
             for o in cfg.objectives}
     return step_budget(cfg, runs)  # type: ignore[arg-type]
 
@@ -111,7 +112,10 @@ def _prepared(cfg: RunConfig, budget: int) -> RunConfig:
     cfg.train.max_steps = budget
     if not cfg.train.eval_steps:
         cfg.train.eval_steps = max(1, budget // 10)
-    cfg.train.resume = False
+    # A requeued compare / sweep (preempted: SIGTERM saves a checkpoint) continues every method's run
+    # where it stopped; a finished method's run resumes from its last checkpoint and redoes the rest,
+    # reaching the same result (runs are deterministic). The histories come from metrics.jsonl.
+    cfg.train.resume = "auto"
     return cfg
 
 
@@ -124,12 +128,27 @@ def run_method(cfg: RunConfig, method: str, out: Path, lam: float | None = None)
     cfg.train.output_dir = str(out)
     validate(cfg)
     result = train(cfg)
-    ran: dict[str, int] = {o.name: 0 for o in cfg.objectives}
-    for rec in result.train_losses:
-        for n in rec["ran"]:
-            ran[n] = ran.get(n, 0) + 1
-    return MethodResult(method, Path(result.output_dir), len(result.train_losses), result.wall_time, result.tokens,
-                        ran, list(result.eval_history), result.stopped_early, lam)
+    steps, ran, history = _history(Path(result.output_dir) / "metrics.jsonl", [o.name for o in cfg.objectives])
+    return MethodResult(method, Path(result.output_dir), steps, result.wall_time, result.tokens,
+                        ran, history, result.stopped_early, lam)
+
+
+def _history(metrics: Path, names: list[str]) -> tuple[int, dict[str, int], list[dict]]:
+    """A run's whole history from its metrics.jsonl (also the steps before a resume): the steps run,
+    the steps each objective took part in, and every evaluation as ``{"step", name: loss, measure: value}``."""
+    from bipost.train.metrics import read_metrics
+
+    ran: dict[str, int] = {n: 0 for n in names}
+    steps, history = 0, []
+    for rec in read_metrics(metrics):
+        if rec.get("kind", "train") == "train":
+            steps += 1
+            for n in rec["ran"]:
+                ran[n] = ran.get(n, 0) + 1
+        elif rec.get("kind") == "eval":
+            history.append({"step": rec["step"], **{(k[5:] if k.startswith("eval/") else k): v
+                                                    for k, v in rec.items() if k not in ("kind", "step")}})
+    return steps, ran, history
 
 
 def ideal_point(cfg: RunConfig, out: Path, measure: bool,

@@ -3,7 +3,9 @@
 Per optimizer step, for the lower-level objective (``selector.objective``):
 
 * ``units``: every *row* is one loss unit, so the loop's global mean over the step is a mean over
-  rows (not over tokens): ``(1 - u) * mean_i w_i * l_i``.
+  rows (not over tokens): ``(1 - u) * mean_i w_i * l_i``. A row with a data weight ``d_i``
+  (``data.weight_key`` / ``weights_file``) is ``d_i`` units and its loss ``d_i w_i l_i``; the
+  selector's own step uses the row losses ``l_i`` unweighted.
 * ``transform``: the objective's per-row losses become ``w_i.detach() * l_i`` with
   ``l_i = losses_i / units_i`` (the row's sequence-mean NLL for SFT, the pair loss for DPO); the
   detached ``l_i`` are kept with their row ids.
@@ -23,6 +25,7 @@ import torch
 
 from bipost.config import SelectorConfig
 from bipost.objectives import ObjectiveOutput
+from bipost.objectives.base import per_unit
 from bipost.selector.outputs import write_summary, write_weights
 from bipost.selector.weights import SelectorWeights
 from bipost.train.hooks import HookContext, StepHook
@@ -55,7 +58,10 @@ class SelectorHook(StepHook):
 
     # ------------------------------------------------------------------ inside the step
     def units(self, name, batch, default):
-        return int(batch["row_ids"].shape[0]) if name == self.name else default
+        if name != self.name:
+            return default
+        # a row is one unit; a row of data weight d (data.weight_key / weights_file) counts d times
+        return float(batch["weights"].sum()) if "weights" in batch else int(batch["row_ids"].shape[0])
 
     def _stash(self, row_ids: torch.Tensor, per_row: torch.Tensor) -> None:
         self._ids.append(row_ids.detach().cpu())
@@ -64,10 +70,13 @@ class SelectorHook(StepHook):
     def transform(self, name, batch, out):
         if name != self.name:
             return out
-        per_row = out.losses / out.units.clamp(min=1.0)
+        per_row = per_unit(out.losses, out.units)  # the row's mean loss, whatever its data weight
         self._stash(batch["row_ids"], per_row)
         w = self.weights.weights_of(batch["row_ids"]).to(per_row.device, per_row.dtype)
-        return ObjectiveOutput(losses=w * per_row, units=torch.ones_like(out.units),
+        units = torch.ones_like(out.units)
+        if "weights" in batch:  # data weights scale the row's share of the model's loss, not the selector's
+            units = units * batch["weights"].to(units.device, units.dtype)
+        return ObjectiveOutput(losses=w * units * per_row, units=units,
                                metrics={**out.metrics, "row_loss": per_row.detach()})
 
     def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,15 +111,21 @@ class SelectorHook(StepHook):
         u = self.ctx.upper_weight(step)
         if u is not None:
             metrics["selector/u"] = u
+        self._epoch_outputs(step)
+        return metrics
+
+    def _epoch_outputs(self, step: int) -> None:
+        """Every ``selector.every_epochs`` passes over the lower data: weights, summary (and model)."""
         every = self.cfg.every_epochs * self.per_pass
         if every and (step + 1) % every == 0:
             epoch = (step + 1) // self.per_pass
             self._write(self.dir / f"epoch-{epoch:03d}", step + 1, model=self.cfg.save_epoch_models)
-        return metrics
 
     def skipped_step(self, step) -> None:
-        # a skipped (non-finite) step: its rows' losses must not reach the selector's Adam
+        # a skipped (non-finite) step: its rows' losses must not reach the selector's Adam; the
+        # epoch's outputs are still written (the weights of the steps that counted)
         self._ids, self._losses = [], []
+        self._epoch_outputs(step)
 
     def on_end(self, step: int) -> None:
         self._write(self.dir, step, model=False)  # the model is the run's final/

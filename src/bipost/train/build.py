@@ -67,7 +67,7 @@ def build_objectives(cfg: RunConfig, tokenizer, policy, engine: Engine) -> dict[
     runs: dict[str, ObjectiveRun] = {}
     for i, ocfg in enumerate(cfg.objectives):
         kind = get_kind(ocfg.kind)
-        data = load_objective_data(ocfg.data, kind.examples, tokenizer, objective=ocfg.name or kind.kind)
+        data = load_objective_data(ocfg.data, kind.examples_for(ocfg), tokenizer, objective=ocfg.name or kind.kind)
         objective = kind.build(ocfg, BuildContext(cfg, tokenizer, policy, engine, forward, data, frozen_model,
                                                   cache_dir))
         per_rank = ocfg.batch_size // engine.world_size  # type: ignore[operator]
@@ -77,7 +77,9 @@ def build_objectives(cfg: RunConfig, tokenizer, policy, engine: Engine) -> dict[
                 f"world_size {engine.world_size} x micro_batch_size {ocfg.micro_batch_size}"
             )
         stream = ExampleStream(
-            data.train, ocfg.micro_batch_size, objective.collate(tokenizer.pad_token_id),  # type: ignore[arg-type]
+            # per-row weights (data.weight_key / weights_file) ride on the training batches only
+            data.train, ocfg.micro_batch_size,  # type: ignore[arg-type]
+            data.weigh(objective.collate(tokenizer.pad_token_id)),  # type: ignore[arg-type]
             seed=cfg.train.seed + 1000 * i, rank=engine.rank, world_size=engine.world_size,
             prefetch=cfg.train.prefetch,
         )

@@ -12,7 +12,6 @@ Schedules, objectives, data and hooks plug in here without changing this file.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import time
@@ -26,9 +25,11 @@ from bipost.data import eval_batches
 from bipost.engine import Engine
 from bipost.kinds import StepContext
 from bipost.objectives import ObjectiveOutput
+from bipost.objectives.base import per_unit
 from bipost.schedules import StepPlan, make_schedule
 from bipost.train import checkpoint as ckpt
 from bipost.train import preempt
+from bipost.train import resume as resuming
 from bipost.train.build import (
     ObjectiveRun,
     build_objectives,
@@ -116,15 +117,15 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
     def _prepare_output_dir(self) -> None:
         # Decided on the main rank (train.resume false | true | auto), the same error raised on every rank.
-        ckpt.prepare_output_dir(self.out, self.cfg, self.engine)
+        resuming.prepare_output_dir(self.out, self.cfg, self.engine)
 
     def settings(self) -> dict:
-        """What a resumed run must share with this one (``checkpoint.run_settings``)."""
-        return ckpt.run_settings(self.cfg, self.engine.world_size, self.max_steps)
+        """What a resumed run must share with this one (``resume.run_settings``)."""
+        return resuming.run_settings(self.cfg, self.engine.world_size, self.max_steps)
 
     def _resume(self) -> None:
         # A verified checkpoint (a damaged one falls back to the previous), its settings checked.
-        state = ckpt.resume(self.out, self.engine, self.model, self.optimizer, self.scheduler, self.settings())
+        state = resuming.resume(self.out, self.engine, self.model, self.optimizer, self.scheduler, self.settings())
         if state is None:
             return
         self.step = state["step"]
@@ -165,7 +166,7 @@ class Trainer:
         micro = 0
         for name, micro_batches in batches.items():
             # Global mean over the step's units (DDP averages gradients over ranks, hence x world).
-            scale = plan.weights[name] * self.engine.world_size / max(units[name], 1.0)
+            scale = plan.weights[name] * self.engine.world_size / _denominator(units[name])
             for batch in micro_batches:
                 micro += 1
                 acc.tokens += int(batch["attention_mask"].sum())
@@ -260,7 +261,7 @@ class Trainer:
             s += torch.tensor([float(out.losses.double().sum()), float(out.units.double().sum())],
                               dtype=torch.float64)
         s = self.engine.all_reduce_sum(s).cpu()
-        return float(s[0] / max(float(s[1]), 1.0))
+        return float(s[0] / _denominator(float(s[1])))
 
     def _step_batches(self, name: str) -> list[dict]:
         run = self.runs[name]
@@ -278,7 +279,7 @@ class Trainer:
         with self.engine.stage("measure"):
             outs = self._no_grad_outputs(name, batches)
         ids = torch.cat([b["row_ids"] for b in batches])
-        return ids, torch.cat([(o.losses / o.units.clamp(min=1.0)).detach().double().cpu() for o in outs])
+        return ids, torch.cat([per_unit(o.losses, o.units).detach().double().cpu() for o in outs])
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss of every objective that has eval data (global over ranks)."""
@@ -407,3 +408,9 @@ class Trainer:
 def _weigh(out: ObjectiveOutput, batch: dict) -> ObjectiveOutput:
     """The per-row weights of the batch, if it has any, applied (the reduction contract)."""
     return out.weighted(batch["weights"]) if "weights" in batch else out
+
+
+def _denominator(units: float) -> float:
+    """A step's unit count as a divisor. Weighted units may sum to less than 1 (one pair of weight
+    0.5), so only an empty count (0: no loss either) is replaced."""
+    return units if units > 0 else 1.0

@@ -65,7 +65,8 @@ class StepMetrics:
                               device=self.device)]
         parts += [self.metrics[k] for k in keys]
         flat = engine.all_reduce_sum(torch.cat(parts)).cpu()
-        losses = {n: float(flat[i] / max(units[n], 1.0)) for i, n in enumerate(names)}
+        # Weighted units may sum to less than 1 (e.g. one pair of weight 0.5): only 0 is replaced.
+        losses = {n: float(flat[i] / (units[n] if units[n] > 0 else 1.0)) for i, n in enumerate(names)}
         at = len(names)
         tokens = int(flat[at])
         summed = {f: float(flat[at + 1 + j]) for j, f in enumerate(flags)}
