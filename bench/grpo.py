@@ -118,7 +118,7 @@ def run_bipost(ws: Path, spec: dict, out: Path) -> dict:
         f"{g}.kind=grpo", f"{g}.data.path={ws / 'prompts.jsonl'}", f"{g}.data.max_len={P['prompt']}",
         f"{g}.batch_size={P['prompts']}", f"{g}.micro_batch_size={P['prompts']}",
         f"{g}.num_generations={P['generations']}", f"{g}.max_new_tokens={P['completion']}",
-        f"{g}.loss_type=dapo", f"{g}.rewards.0.function=grpo:bench_reward"])
+        f"{g}.loss=dapo", f"{g}.rewards.0.function=grpo:bench_reward"])
     trainer = build_trainer(cfg)
     times, gen, phase = [], [], []
     last = time.perf_counter()

@@ -89,7 +89,7 @@ def test_config_errors_name_the_field(tmp_path):
     cases = [([], r"objectives\.0\.rewards: give at least one reward function"),
              (grpo_fields(0) + ["objectives.0.num_generations=1"], r"objectives\.0\.num_generations must be >= 2"),
              (grpo_fields(0) + ["objectives.0.reference=x"], r"objectives\.0\.reference is only used with beta > 0"),
-             (grpo_fields(0) + ["objectives.0.loss_type=ppo"], r"objectives\.0\.loss_type must be one of"),
+             (grpo_fields(0) + ["objectives.0.loss=ppo"], r"objectives\.0\.loss must be one of grpo, dapo, dr_grpo"),
              (grpo_fields(0) + ["objectives.0.completions_per_micro_batch=6"], "a multiple of num_generations"),
              (grpo_fields(0) + ["objectives.0.rewards.2.function=nothing"],
               r"objectives\.0\.rewards\.2: reward function 'nothing' is neither a built-in")]
@@ -132,7 +132,7 @@ def test_one_step_by_hand(tmp_path):
     * rewards r = exact_match + 0.5 * letter_reward; advantages (r - mean_g) / (std_g + 1e-4) per
       group of 4 (``group_advantages``);
     * the logged loss is -mean(r) over the step's 16 completions, and the gradient is the
-      ``grpo_loss`` gradient (loss_type grpo: mean over completions of each one's token mean of
+      ``grpo_loss`` gradient (loss grpo: mean over completions of each one's token mean of
       -A * d logp, the ratio being 1) summed over both micro-batches / 16 completions.
     """
     cfg = grpo_config(tmp_path / "run", "train.max_steps=1", "optim.max_grad_norm=0")
@@ -224,7 +224,7 @@ def test_resume_mid_run_is_exact(tmp_path):
     are identical, evaluations included. The stream draws no prompts at reuse steps."""
     cfg = grpo_config(tmp_path / "run", "train.max_steps=6", "train.save_steps=3", "train.eval_steps=3",
                       "train.packing=true", "objectives.0.beta=0.05", "objectives.0.num_iterations=2",
-                      "objectives.0.loss_type=dapo", "objectives.0.data.eval_fraction=0.25")
+                      "objectives.0.loss=dapo", "objectives.0.data.eval_fraction=0.25")
     full = train(cfg)
     recs = rows(tmp_path / "run" / "metrics.jsonl")
     e = recs[0]["epoch/grpo"]  # 4 prompts of the training rows at each generating step only

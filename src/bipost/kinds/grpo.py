@@ -8,11 +8,11 @@ When a schedule runs it, a step (:meth:`GRPO.prepare`, on every rank for its own
    (``bipost.generation``: HF ``generate`` with the KV cache, batched, ``temperature`` / ``top_p`` /
    ``top_k``, stopping at EOS or after ``max_new_tokens``). A prompt's group is generated, scored
    and trained on the rank that drew the prompt. Sampling draws from the objective's own
-   generator (checkpointed): per step it draws one seed per micro-batch of every rank, and
-   micro-batch ``j`` of rank ``r`` samples with seed ``j * W + r``, the global position of that
-   micro-batch in the step's contiguous slice of the prompt stream (``data.stream``). So 2 ranks
-   sample what 1 rank samples with the same micro-batches, and a resumed run samples what the
-   uninterrupted one did;
+   generator (checkpointed, the same on every rank): per step it draws one seed per micro-batch of
+   every rank, and micro-batch ``j`` of rank ``r`` (of ``W``) samples with seed number ``j * W + r``,
+   the position of that micro-batch in the step's contiguous slice of the prompt stream
+   (``data.stream``). So 2 ranks sample what 1 rank samples with the same micro-batches, and a
+   resumed run samples what the uninterrupted one did;
 2. **score** every completion with the reward functions (``bipost.rewards``: TRL's signature,
    weights, built-ins, a reward model), summed with their weights;
 3. **advantages**, group-relative (``objectives.grpo.group_advantages``; no std scaling for
@@ -86,8 +86,8 @@ class GRPOConfig(ObjectiveConfig):
     """Nucleus sampling mass in (0, 1] (1: off)."""
     top_k: int = 0
     """Sample from the k most likely tokens (0: off)."""
-    loss_type: str = "grpo"
-    """grpo (each completion's token mean, averaged over completions) | dapo (token mean over all the step's completion tokens) | dr_grpo (token sum over num_generations x max_new_tokens slots, no std scaling)."""
+    loss: str = "grpo"
+    """The loss variant: grpo (each completion's token mean, averaged over completions) | dapo (token mean over all the step's completion tokens) | dr_grpo (token sum over num_generations x max_new_tokens slots, no std scaling)."""
     scale_rewards: str = "auto"
     """Divide advantages by the group's reward std: group | none | auto (none for dr_grpo, else group)."""
     epsilon_low: float = 0.2
@@ -124,8 +124,8 @@ class GRPOConfig(ObjectiveConfig):
             raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise bad("top_k", f"must be >= 0 (0: off), got {self.top_k}")
-        if self.loss_type not in {k.value for k in GRPOLoss}:
-            raise bad("loss_type", f"must be one of {', '.join(k.value for k in GRPOLoss)}, not {self.loss_type!r}")
+        if self.loss not in {k.value for k in GRPOLoss}:
+            raise bad("loss", f"must be one of {', '.join(k.value for k in GRPOLoss)}, not {self.loss!r}")
         if self.scale_rewards not in ("auto", *(k.value for k in AdvantageScale)):
             raise bad("scale_rewards", f"must be auto, group or none, not {self.scale_rewards!r}")
         if not 0 <= self.epsilon_low < 1:
@@ -148,7 +148,7 @@ class GRPOConfig(ObjectiveConfig):
     def advantage_scale(self) -> str:
         if self.scale_rewards != "auto":
             return self.scale_rewards
-        return "none" if self.loss_type == GRPOLoss.DR_GRPO.value else "group"
+        return "none" if self.loss == GRPOLoss.DR_GRPO.value else "group"
 
 
 @dataclass
@@ -306,7 +306,7 @@ class GRPO(Objective):
         examples = [SFTExample(int(batch["row_ids"][i]), tuple(batch["prompt_ids"][i]), tuple(ids))
                     for i, ids in zip(gen.prompt_index, gen.completion_ids)]
         lengths = torch.tensor([len(ids) for ids in gen.completion_ids], dtype=torch.float64)
-        units = grpo_units(c.loss_type, lengths, c.max_new_tokens).double()
+        units = grpo_units(c.loss, lengths, c.max_new_tokens).double()
         size = c.completions_per_micro_batch or len(examples)
         pad_id = self.tokenizer.pad_token_id
         out = []
@@ -351,7 +351,7 @@ class GRPO(Objective):
         logps = self.forward.token_logprobs(model, batch, pos, c.temperature)
         out = grpo_loss(logps, pos.seq, n, batch["advantages"], old_logps=batch.get("old_logps"),
                         ref_logps=batch.get("ref_logps"), beta=c.beta, epsilon_low=c.epsilon_low,
-                        epsilon_high=c.epsilon_high, loss_type=c.loss_type, max_completion_length=c.max_new_tokens)
+                        epsilon_high=c.epsilon_high, loss_type=c.loss, max_completion_length=c.max_new_tokens)
         # The value is the negative mean reward (scaled so the step's sum / units is exactly that
         # mean); the gradient is the surrogate's.
         value = -batch["rewards"].to(out.losses) * batch["value_scale"].to(out.losses)
@@ -410,7 +410,7 @@ class GRPO(Objective):
             g.add_argument(f"--grpo_max_new_tokens{sfx}", type=int, default=None, help="completion length (64)")
             g.add_argument(f"--grpo_temperature{sfx}", type=float, default=None, help="sampling temperature (1.0)")
             g.add_argument(f"--grpo_beta{sfx}", type=float, default=None, help="KL coefficient (0)")
-            g.add_argument(f"--grpo_loss_type{sfx}", default=None, help="grpo | dapo | dr_grpo (grpo)")
+            g.add_argument(f"--grpo_loss{sfx}", default=None, help="grpo | dapo | dr_grpo (grpo)")
 
     @classmethod
     def seed_fields(cls, args, pick) -> dict:
@@ -422,7 +422,7 @@ class GRPO(Objective):
                 rewards.append({"function": f, "args": {"column": column} if f in ("exact_match", "math") else {}})
         return {"rewards": rewards, "num_generations": pick("grpo_num_generations", 8),
                 "max_new_tokens": pick("grpo_max_new_tokens", 64), "temperature": pick("grpo_temperature", 1.0),
-                "beta": pick("grpo_beta", 0.0), "loss_type": pick("grpo_loss_type", "grpo")}
+                "beta": pick("grpo_beta", 0.0), "loss": pick("grpo_loss", "grpo")}
 
 
 def _group_nanstd(table: torch.Tensor, n: int) -> torch.Tensor:
