@@ -79,3 +79,12 @@ def write_jsonl(tmp_path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory):
+    """``two_ranks(name)``: both ranks' records of a 2-rank scenario of ``tests/two_ranks.py`` (all of
+    them run in one torchrun launch, the first time any is asked for)."""
+    from two_ranks import TwoRanks
+
+    return TwoRanks(tmp_path_factory.mktemp("two-ranks"))

@@ -1,7 +1,8 @@
 """Two ranks (torchrun, gloo on CPU) train exactly what one rank trains with the same global batch.
 
-Each test launches ``tests/dist_worker.py`` once on 2 processes: a run of 4 optimizer steps that
-checkpoints at step 2, then a resume of that checkpoint. It is compared with the same run on one
+Each test reads its scenario of ``tests/two_ranks.py`` (every 2-rank scenario runs in one launch of
+``tests/rank_worker.py``): a run of 4 optimizer steps that checkpoints at step 2, then a resume of
+that checkpoint. It is compared with the same run on one
 process (micro-batch 4 x accumulation 2 instead of 2 ranks x micro-batch 4: the same rows per
 step, see ``bipost.data.stream``). Checked for every engine:
 
@@ -14,11 +15,6 @@ step, see ``bipost.data.stream``). Checked for every engine:
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,31 +22,7 @@ import torch
 from bipost.configio import load_config
 from bipost.run import train
 
-from helpers import workspace
-
-WORKER = Path(__file__).with_name("dist_worker.py")
-STEPS = 4
-
-
-def overrides(*extra: str, kinds: tuple[str, ...] = ("sft", "dpo")) -> list[str]:
-    ws = workspace()
-    data = {"sft": ws / "sft.jsonl", "dpo": ws / "pref.jsonl", "kd": ws / "copy.jsonl", "kto": ws / "pref.jsonl"}
-    base = [f"model.path={ws / 'model'}", "train.progress=false", f"train.max_steps={STEPS}",
-            "train.save_steps=2", "train.batch_size=8", "train.micro_batch_size=4", "optim.lr=1e-3"]
-    for i, k in enumerate(kinds):
-        base += [f"objectives.{i}.kind={k}", f"objectives.{i}.data.path={data[k]}", f"objectives.{i}.data.max_len=64"]
-        if k == "kd":
-            base.append(f"objectives.{i}.teacher={ws / 'teacher'}")
-    return base + list(extra)
-
-
-def launch(out: Path, args: list[str], env: dict[str, str] | None = None) -> list[dict]:
-    """Run the worker on 2 ranks; what each rank recorded."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), str(out), *args]
-    proc = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+from two_ranks import DDP_ALRIGHT, FSDP2_MAXRIGHT, launch_one, overrides
 
 
 def losses(records: list[dict]) -> list[float]:
@@ -78,35 +50,33 @@ def check_equivalent(ranks: list[dict], single, backend: str, wrapper_prefix: st
                                    rtol=1e-6, atol=1e-7)
 
 
-def test_ddp_two_ranks_equal_one_rank_alright_lora(tmp_path):
+def test_ddp_two_ranks_equal_one_rank_alright_lora(tmp_path, two_ranks):
     """DDP, ALRIGHT over SFT + DPO + KTO, LoRA with the adapter-disabled policy as DPO and KTO
     reference. KTO runs in steps 1 and 4: its reference point z0 (over both ranks' mismatched
     pairs, one all-reduce) equals one rank's, so do its losses, before and after the resume."""
-    args = overrides("schedule.name=alright", "model.lora.rank=4", kinds=("sft", "dpo", "kto"))
-    ranks = launch(tmp_path / "ddp", args)
+    args = overrides(*DDP_ALRIGHT, kinds=("sft", "dpo", "kto"))
+    ranks = two_ranks("ddp_alright_lora")
     single = train(load_config(overrides=args + [f"train.output_dir={tmp_path / 'one'}"]))
     check_equivalent(ranks, single, "ddp", "DistributedDataParallel")
     assert [s["ran"] for s in single.train_losses] == [["kto"], ["dpo"], ["sft"], ["kto"]]
 
 
-def test_fsdp2_two_ranks_equal_one_rank_maxright_sharded_reference(tmp_path):
+def test_fsdp2_two_ranks_equal_one_rank_maxright_sharded_reference(tmp_path, two_ranks):
     """FSDP2 (torch fully_shard through accelerate), MAXRIGHT over SFT + DPO + KD, full fine-tuning
     with a sharded frozen reference and teacher (KD on the chunked head path). Evaluation is uneven (5 held-out rows, eval batches of 2: rank 0 runs
     2 batches, rank 1 one plus an uncounted filler) and equals the one-rank evaluation. The
     checkpoint's optimizer is in per-rank DCP files; the final HF export is gathered."""
-    args = overrides("schedule.name=maxright", "schedule.max_eval_steps=2", "objectives.0.data.eval_fraction=0.125",
-                     "objectives.0.data.max_eval_samples=5", "train.eval_batch_size=2",
-                     kinds=("sft", "dpo", "kd"))
-    ranks = launch(tmp_path / "fsdp2", args + ["dist.backend=fsdp2"])
+    args = overrides(*FSDP2_MAXRIGHT, kinds=("sft", "dpo", "kd"))
+    ranks = two_ranks("fsdp2_maxright")
     single = train(load_config(overrides=args + [f"train.output_dir={tmp_path / 'one'}"]))
     check_equivalent(ranks, single, "fsdp2", "FSDP")
     for r in ranks:
         assert r["eval"][0]["sft"] == pytest.approx(single.eval_history[0]["sft"], rel=1e-6)
-    sharded = tmp_path / "fsdp2" / "full" / "checkpoints" / "step-00000002" / "sharded"
+    sharded = two_ranks.root / "fsdp2_maxright" / "full" / "checkpoints" / "step-00000002" / "sharded"
     assert len(list(sharded.glob("*.distcp"))) == 2 and not (sharded.parent / "optimizer.pt").exists()
     from safetensors.torch import load_file
 
-    mine = load_file(tmp_path / "fsdp2" / "full" / "final" / "model.safetensors")
+    mine = load_file(two_ranks.root / "fsdp2_maxright" / "full" / "final" / "model.safetensors")
     ref = load_file(single.final_dir / "model.safetensors")
     assert mine.keys() == ref.keys()
     for k in ref:  # Adam: up to ~lr per step where a gradient is ~0 (see test_train)
@@ -121,7 +91,8 @@ def test_deepspeed_zero3_two_ranks_equal_one_rank(tmp_path):
     merged model (rebuilt from the base on rank 0) equal the one-rank ones. The first run on a
     machine compiles DeepSpeed's CPU communication op (a few minutes, then cached)."""
     args = overrides("schedule.name=alright", "model.lora.rank=4", "model.lora.save_merged=true")
-    ranks = launch(tmp_path / "zero3", args + ["dist.zero_stage=3"], env={"DS_ACCELERATOR": "cpu"})
+    ranks = launch_one(tmp_path / "zero3", "train_and_resume", [args + ["dist.zero_stage=3"]],
+                       env={"DS_ACCELERATOR": "cpu"})
     single = train(load_config(overrides=args + [f"train.output_dir={tmp_path / 'one'}"]))
     check_equivalent(ranks, single, "deepspeed", "DeepSpeedEngine")
     state = tmp_path / "zero3" / "full" / "checkpoints" / "step-00000002" / "sharded" / "state"

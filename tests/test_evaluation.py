@@ -353,42 +353,39 @@ def test_eval_config_is_checked(tmp_path):
 
 
 # ---------------------------------------------------------------- two ranks
-def test_two_fsdp2_ranks_evaluate_like_one(lm_eval_task, tmp_path):
-    """FSDP2 on 2 gloo ranks (every forward a collective): 5 held-out prompts per objective split
-    3 / 2 (rank 1 pads with a filler prompt, batches of 2: both ranks make 2 generate calls), the
-    samples gathered; the benchmark run whole on both ranks. No hang, and every rank holds the
-    evaluations of the same run on one rank: the same generation metrics, win rate and benchmark
-    score at steps 0 and 2 (a tiny learning rate keeps the two runs' weights within float noise)."""
-    import os
-    import subprocess
-    import sys
-
-    from bipost.configio import load_config
-    from bipost.run import train
-
+def evaluation_args(task) -> list[str]:
+    """SFT + DPO with generation metrics (judged by length), a benchmark, evaluated at steps 0 and 2."""
     ws = workspace()
-    args = [f"model.path={ws / 'model'}", "train.progress=false", "train.max_steps=2", "train.eval_steps=2",
+    return [f"model.path={ws / 'model'}", "train.progress=false", "train.max_steps=2", "train.eval_steps=2",
             "train.batch_size=4", "train.micro_batch_size=2", "optim.lr=1e-6", "schedule.name=mix",
             "objectives.0.kind=sft", f"objectives.0.data.path={ws / 'sft.jsonl'}", "objectives.0.data.max_len=64",
             "objectives.0.data.eval_fraction=0.1", "objectives.0.data.max_eval_samples=5",
             "objectives.1.kind=dpo", f"objectives.1.data.path={ws / 'pref.jsonl'}", "objectives.1.data.max_len=64",
             "objectives.1.data.eval_fraction=0.1", "objectives.1.data.max_eval_samples=5",
             "eval.generate=true", "eval.max_new_tokens=5", "eval.batch_size=2",
-            "eval.judge.function=test_evaluation:judge_by_length", f"eval.benchmarks.0.task={lm_eval_task}",
+            "eval.judge.function=test_evaluation:judge_by_length", f"eval.benchmarks.0.task={task}",
             "eval.benchmark_steps=2", "eval.generation_steps=2"]
-    worker = Path(__file__).with_name("eval_dist_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-           str(tmp_path), *args, "dist.backend=fsdp2"]
-    proc = subprocess.run(cmd, env=os.environ.copy(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def test_two_fsdp2_ranks_evaluate_like_one(lm_eval_task, tmp_path, two_ranks):
+    """FSDP2 on 2 gloo ranks (every forward a collective): 5 held-out prompts per objective split
+    3 / 2 (rank 1 pads with a filler prompt, batches of 2: both ranks make 2 generate calls), the
+    samples gathered; the benchmark run whole on both ranks. No hang, and every rank holds the
+    evaluations of the same run on one rank: the same generation metrics, win rate and benchmark
+    score at steps 0 and 2 (a tiny learning rate keeps the two runs' weights within float noise)."""
+    from bipost.configio import load_config
+    from bipost.run import train
+
+    args = evaluation_args(lm_eval_task)
+    ranks = two_ranks("fsdp2_evaluation")  # these args and dist.backend=fsdp2 (tests/two_ranks.py)
     one = train(load_config(overrides=args + [f"train.output_dir={tmp_path / 'one'}"]))
-    for rank in (0, 1):
-        got = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+    for got in ranks:
         assert got["backend"] == "fsdp2" and got["lockstep"]
         assert [e["step"] for e in got["eval"]] == [e["step"] for e in one.eval_history] == [0, 2]
         for mine, ref in zip(got["eval"], one.eval_history):
             assert mine.keys() == ref.keys()
             assert mine["gen/sft/prompts"] == mine["gen/dpo/prompts"] == 5
             assert {k: v for k, v in mine.items() if "/" in k} == pytest.approx({k: v for k, v in ref.items() if "/" in k})
-    samples = (tmp_path / "run" / "eval" / "step-00000002" / "sft.samples.jsonl").read_text().splitlines()
+    run = two_ranks.root / "fsdp2_evaluation" / "run"
+    samples = (run / "eval" / "step-00000002" / "sft.samples.jsonl").read_text().splitlines()
     assert [json.loads(s)["index"] for s in samples] == [0, 1, 2, 3, 4]

@@ -28,6 +28,7 @@ from bipost.train.loop import Trainer
 from bipost.train.metrics import read_metrics
 
 from helpers import config, workspace
+from two_ranks import launch_one
 
 WORKER = Path(__file__).with_name("reliability_worker.py")
 SRC = str(Path(__file__).parents[1] / "src")
@@ -59,11 +60,8 @@ def cached_dpo() -> list[str]:
 
 
 def launch_runs(out: Path, runs: list, env: dict | None = None) -> list[dict]:
-    """``runs`` ([name, overrides]) on 2 ranks in one torchrun; what each rank recorded."""
-    proc = subprocess.run([*TORCHRUN, str(WORKER), str(out), "runs", json.dumps(runs)], env={**ENV, **(env or {})},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+    """``runs`` ([name, overrides]) on 2 ranks in a launch of their own; what each rank recorded."""
+    return launch_one(out, "runs", [runs], env)
 
 
 def assert_same_run(ranks: list[dict], name: str, single, backend: str) -> None:
@@ -84,7 +82,7 @@ def assert_same_run(ranks: list[dict], name: str, single, backend: str) -> None:
 
 
 # ---------------------------------------------------------------- 1. forwards outside the training step
-def test_ddp_uneven_evaluation_and_lora_reference_cache_equal_one_rank(tmp_path):
+def test_ddp_uneven_evaluation_and_lora_reference_cache_equal_one_rank(tmp_path, two_ranks):
     """The wrapped DDP model broadcasts its buffers (the rotary ``inv_freq``) in the first forward after
     a training step, so after step 1 rank 0 (one SFT eval row) waited in that broadcast while rank 1
     (none) waited in the loss all-reduce: forever, on NCCL. (Gloo lets rank 0's broadcast return at
@@ -97,7 +95,7 @@ def test_ddp_uneven_evaluation_and_lora_reference_cache_equal_one_rank(tmp_path)
 
     Both ranks report exactly the held-out losses of the 1-rank runs (each of 3 evaluations)."""
     runs = [["full", base()], ["lora", base("model.lora.rank=4", *cached_dpo())]]
-    ranks = launch_runs(tmp_path / "ddp", runs)
+    ranks = two_ranks("ddp_uneven")  # these runs (tests/two_ranks.py)
     for name, args in runs:
         single = train(load_config(overrides=args + [f"train.output_dir={tmp_path / ('one-' + name)}"]))
         assert len(single.eval_history) == 3 and {"sft", "dpo"} <= single.eval_history[0].keys()
@@ -105,12 +103,12 @@ def test_ddp_uneven_evaluation_and_lora_reference_cache_equal_one_rank(tmp_path)
     assert "dpo_2" in ranks[0]["lora"]["eval"][0]
 
 
-def test_fsdp2_uneven_evaluation_and_sharded_reference_cache_equal_one_rank(tmp_path):
+def test_fsdp2_uneven_evaluation_and_sharded_reference_cache_equal_one_rank(tmp_path, two_ranks):
     """FSDP2: every forward gathers parameters, so ranks must run the same number. The sharded frozen
     reference builds the DPO cache over 33 examples (rank 0: 17 batches, rank 1: 16 plus one
     uncounted filler) and evaluation pads the same way; the results equal 1 rank's."""
     args = base("dist.backend=fsdp2", *cached_dpo())
-    ranks = launch_runs(tmp_path / "fsdp2", [["run", args]])
+    ranks = two_ranks("fsdp2_uneven")  # this run (tests/two_ranks.py)
     single = train(load_config(overrides=[a for a in args if not a.startswith("dist.")]
                                + [f"train.output_dir={tmp_path / 'one'}"]))
     assert_same_run(ranks, "run", single, "fsdp2")

@@ -370,20 +370,12 @@ def test_rows_are_the_loss_units_under_accumulation(tmp_path):
     torch.testing.assert_close(torch.tensor(wa["logit"]), torch.tensor(wb["logit"]), rtol=0, atol=1e-5)
 
 
-def test_two_ranks_hold_the_same_selector_as_one_rank(tmp_path):
-    """torchrun, 2 ranks (DDP, gloo): each rank gathers both ranks' rows, so the selector is identical
-    on both, and equal to one rank's with the same global batch (micro 4 x accumulation 2). The first
-    pass has u = 1, so the selector's own no-grad measurement of the lower losses runs too."""
-    import os
-    import subprocess
-    import sys
-
-    args = selector_args(tmp_path / "dist", *DIST_OVERRIDES)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           __file__, str(tmp_path), *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+def test_two_ranks_hold_the_same_selector_as_one_rank(tmp_path, two_ranks):
+    """torchrun, 2 ranks (DDP, gloo; the ``selector`` scenario of tests/two_ranks.py): each rank gathers
+    both ranks' rows, so the selector is identical on both, and equal to one rank's with the same
+    global batch (micro 4 x accumulation 2). The first pass has u = 1, so the selector's own no-grad
+    measurement of the lower losses runs too."""
+    ranks = two_ranks("selector")
     assert ranks[0]["logits"] == ranks[1]["logits"]
     single = build_trainer(selector_config(tmp_path / "single", *DIST_OVERRIDES))
     result = single.train()
@@ -395,21 +387,6 @@ def test_two_ranks_hold_the_same_selector_as_one_rank(tmp_path):
 
 
 DIST_OVERRIDES = ["train.max_steps=4", "train.micro_batch_size=4", "selector.every_epochs=1"]
-
-
-def _dist_worker(out: Path, overrides: list[str]) -> None:
-    """One rank of ``test_two_ranks_hold_the_same_selector_as_one_rank`` (this file run by torchrun)."""
-    from bipost.cli.common import finish_distributed, setup_process
-    from bipost.engine import Engine
-
-    setup_process()
-    cfg = load_config(overrides=overrides)
-    engine = Engine.for_run(cfg)
-    trainer = build_trainer(cfg, engine)
-    result = trainer.train()
-    (out / f"rank-{engine.rank}.json").write_text(json.dumps({
-        "logits": trainer.hooks[0].weights.logits.detach().tolist(), "train": result.train_losses}))
-    finish_distributed(0)
 
 
 # ------------------------------------------------------------------------------------ command lines
@@ -480,12 +457,6 @@ def test_select_filter_command_and_its_errors(tmp_path, capsys):
     assert main(["select", "filter", "--weights", str(tmp_path / "sel"), "--top-k", "1",
                  "--out", str(data)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
-
-
-if __name__ == "__main__":  # a rank of the two-rank test
-    import sys
-
-    _dist_worker(Path(sys.argv[1]), sys.argv[2:])
 
 
 def test_selector_state_and_outputs_at_a_million_rows(tmp_path):

@@ -235,6 +235,8 @@ class Engine(ModelAccess):
 
         self.dist = dist or DistConfig()
         self.max_grad_norm = max_grad_norm
+        self._switched_from: tuple | None = None
+        """The accelerate state before :meth:`_switch_cpu_state` (restored by :meth:`reset`)."""
         self._stages: list[str] = []
         timeout = datetime.timedelta(seconds=self.dist.timeout)
         handlers = [InitProcessGroupKwargs(timeout=timeout)]  # the process group's (and DeepSpeed's) timeout
@@ -312,6 +314,8 @@ class Engine(ModelAccess):
         from accelerate.utils import DistributedType
 
         state = self.acc.state
+        self._switched_from = (state.distributed_type, state.__dict__.get("fsdp_plugin"),
+                               state.__dict__.get("deepspeed_plugins"))
         if backend == "fsdp2":
             if mixed_precision != "no":
                 plugin.set_mixed_precision(mixed_precision)
@@ -427,9 +431,18 @@ class Engine(ModelAccess):
         return self.acc.prepare(*objs)
 
     def reset(self) -> None:
-        """Forget the prepared model and optimizer, so that this engine can serve another training
-        run in the same process (accelerate's ``free_memory``; DeepSpeed's engine is destroyed)."""
+        """Forget the prepared model and optimizer, so that this engine (or another, of any backend)
+        can serve another training run in the same process (accelerate's ``free_memory``; DeepSpeed's
+        engine is destroyed; a CPU process's accelerate state switched to FSDP / DeepSpeed is switched
+        back, as accelerate keeps it per process)."""
         self.acc.free_memory()
+        if self._switched_from is not None:
+            from accelerate.state import PartialState
+
+            state = self.acc.state
+            state.distributed_type, state.fsdp_plugin, state.deepspeed_plugins = self._switched_from
+            PartialState._shared_state["distributed_type"] = state.distributed_type
+            self._switched_from = None
 
     def place(self, model):
         """A frozen helper model (reference, teacher), as the engine serves it best.
