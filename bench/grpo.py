@@ -104,8 +104,6 @@ def _result(name: str, times: list[float], gen_tokens: list[float], extra: dict)
 
 # ====================================================================== bipost
 def run_bipost(ws: Path, spec: dict, out: Path) -> dict:
-    import torch
-
     from bipost.configio import load_config
     from bipost.run import build_trainer
 

@@ -118,6 +118,34 @@ def evaluate(out: Path, overrides: list[str]) -> dict:
             "eval": result.eval_history}
 
 
+def grpo(out: Path, overrides: list[str]) -> dict:
+    """A grpo run trained and resumed (``train_and_resume``) with rank 0's step metrics, then the same
+    run with a reward function that fails on rank 1 only: the error each rank raised."""
+    import os
+
+    from bipost.configio import load_config
+    from bipost.engine import Engine
+    from bipost.run import build_trainer
+    from bipost.train.metrics import read_metrics
+
+    record = train_and_resume(out, overrides)
+    metrics = out / "full" / "metrics.jsonl"
+    record["metrics"] = [r for r in read_metrics(metrics) if r.get("kind", "train") == "train"] if metrics.exists() else []
+    cfg = load_config(overrides=overrides + [f"train.output_dir={out / 'failing'}", "train.save_steps=0",
+                                             "objectives.0.rewards.1.function=helpers:failing_reward"])
+    engine = Engine.for_run(cfg)
+    os.environ["FAIL_RANK"] = "1"
+    try:
+        build_trainer(cfg, engine).train()
+        record["failing"] = None
+    except Exception as e:  # noqa: BLE001 - recorded for the test
+        record["failing"] = f"{type(e).__name__}: {e}"
+    finally:
+        del os.environ["FAIL_RANK"]
+        engine.reset()
+    return record
+
+
 # ---------------------------------------------------------------- the launch
 def main(root: Path, specs: list[dict]) -> None:
     import torch

@@ -89,6 +89,13 @@ def _(out):
     return "evaluate", [evaluation_args(task_yaml(out / "task")) + ["dist.backend=fsdp2"]]
 
 
+@scenario("grpo")
+def _(out):
+    from test_grpo_kind import two_rank_args
+
+    return "grpo", [two_rank_args()]
+
+
 # ---------------------------------------------------------------- the launch
 def _torchrun(root: Path, specs: list[dict], env: dict | None = None) -> str:
     (root / "specs.json").write_text(json.dumps(specs))
