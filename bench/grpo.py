@@ -41,7 +41,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 P = dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768, vocab=2048, prompts=8, generations=8,
-         prompt=32, completion=64, rows=256, warmup=2, steps=8)
+         prompt=32, completion=64, rows=256, warmup=2, steps=12)
 WINDOW = 4
 
 
