@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from bipost.config import EvalConfig, JudgeConfig
+from bipost.data.examples import PREF, SFT
 from bipost.evaluation import LocalComm, evaluate_generations, exact_match, token_f1, wins
 from bipost.evaluation.generations import summarize
 from bipost.generation import Generations
@@ -98,7 +99,7 @@ def test_generation_metrics_on_fixed_generations(tiny_tokenizer, monkeypatch):
     monkeypatch.setattr("bipost.evaluation.generations.generate", fake_generate)
     cfg = EvalConfig(generate=True, max_new_tokens=7, batch_size=2, judge=JudgeConfig(function="test_evaluation:judge_by_length"))
     judge = Judge(cfg.judge, "cpu")
-    res = evaluate_generations(torch.nn.Linear(1, 1), tok, "dpo", examples, "pref", cfg, LocalComm(), judge)
+    res = evaluate_generations(torch.nn.Linear(1, 1), tok, "dpo", examples, PREF, cfg, LocalComm(), judge)
     m = res.metrics
     assert m["gen/dpo/exact_match"] == pytest.approx(1 / 3)
     assert m["gen/dpo/f1"] == pytest.approx((1 + 0.8 + 2 / 3) / 3)
@@ -147,9 +148,9 @@ def test_generation_split_over_ranks_gathers_every_row(tiny_tokenizer, monkeypat
             return [seen.get(0, []), seen.get(1, [])]
 
     cfg = EvalConfig(generate=True)
-    evaluate_generations(None, tok, "sft", examples, "sft", cfg, Rank(0))
-    both = evaluate_generations(None, tok, "sft", examples, "sft", cfg, Rank(1))
-    one = evaluate_generations(None, tok, "sft", examples, "sft", cfg, LocalComm())
+    evaluate_generations(None, tok, "sft", examples, SFT, cfg, Rank(0))
+    both = evaluate_generations(None, tok, "sft", examples, SFT, cfg, Rank(1))
+    one = evaluate_generations(None, tok, "sft", examples, SFT, cfg, LocalComm())
     assert prompts_seen == [3, 3, 5]
     assert [s["row_id"] for s in both.samples] == [0, 1, 2, 3, 4]
     # prompt tokens 5..9: odd (5, 7, 9) right -> exact match 3/5

@@ -46,6 +46,11 @@ class ExampleType:
     detect: Optional[Callable] = None
     """``(keys, cfg) -> format | None``: what ``data.format: auto`` picks from the first row's keys, for
     a type with formats of its own (consulted before the built-in rules of ``formats.detect_format``)."""
+    reference: Optional[str] = None
+    """The field holding the reference response that held-out generations are scored against (exact
+    match, token F1; ``bipost.evaluation``); None: this type has none."""
+    preferred: bool = False
+    """The reference is a *preferred* response: generations are also judged against it (win rate)."""
 
     def collate_fn(self, pad_id: int, packing: bool) -> Callable[[list], dict]:
         """The micro-batch collate of a stream: packed rows or padded batches."""
@@ -55,9 +60,10 @@ class ExampleType:
 
 
 SFT = ExampleType("sft", SFTExample, ("input_output", "prompt_completion", "messages"),
-                  "an SFT format (input_output, prompt_completion, messages)", encode_sft_rows, collate_sft, pack_sft)
+                  "an SFT format (input_output, prompt_completion, messages)", encode_sft_rows, collate_sft, pack_sft,
+                  reference="response_ids")
 PREF = ExampleType("pref", PrefExample, ("preference",), "a preference format (chosen/rejected)",
-                   encode_pref_rows, collate_pref, pack_pref)
+                   encode_pref_rows, collate_pref, pack_pref, reference="chosen_ids", preferred=True)
 
 EXAMPLE_TYPES = {t.name: t for t in (SFT, PREF)}
 

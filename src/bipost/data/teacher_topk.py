@@ -224,7 +224,7 @@ def pack_topk(examples: Sequence[TopKExample]) -> dict:
 
 TOPK = ExampleType("kd_topk", TopKExample, SFT.formats,
                    f"{SFT.needs} with teacher top-k columns ({BIPOST[0]}/{BIPOST[1]} or {AXOLOTL[0]}/{AXOLOTL[1]})",
-                   encode_topk_rows, collate_topk, pack_topk, format_topk_row)
+                   encode_topk_rows, collate_topk, pack_topk, format_topk_row, reference="response_ids")
 """SFT rows with stored teacher top-k (``kd`` with ``teacher_logprobs: data``)."""
 
 

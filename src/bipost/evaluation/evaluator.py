@@ -24,7 +24,8 @@ import torch
 
 from bipost.config import EvalConfig
 from bipost.evaluation.benchmarks import run_benchmarks
-from bipost.evaluation.generations import REFERENCE_FIELDS, Judge, evaluate_generations
+from bipost.data.examples import ExampleType
+from bipost.evaluation.generations import Judge, evaluate_generations
 
 log = logging.getLogger("bipost")
 
@@ -59,11 +60,11 @@ class EvalTarget:
 
     name: str
     examples: Sequence
-    example_type: str
-    """``sft`` (prompt/response) or ``pref`` (prompt/chosen/rejected)."""
+    example_type: ExampleType
+    """Its ``reference`` field is what generations are scored against."""
 
 
-def eval_targets(cfg: EvalConfig, objectives: dict[str, tuple[Sequence, str]]) -> list[EvalTarget]:
+def eval_targets(cfg: EvalConfig, objectives: dict[str, tuple[Sequence, ExampleType]]) -> list[EvalTarget]:
     """The objectives ``cfg`` scores: ``cfg.objectives`` (each must have held-out rows of a type
     generations can be scored on), else every objective that has such rows."""
     named = list(cfg.objectives)
@@ -71,10 +72,10 @@ def eval_targets(cfg: EvalConfig, objectives: dict[str, tuple[Sequence, str]]) -
     for name, (examples, etype) in objectives.items():
         if named and name not in named:
             continue
-        usable = bool(examples) and etype in REFERENCE_FIELDS
+        usable = bool(examples) and etype.reference is not None
         if named and not usable:
             why = "no held-out rows (set its data.eval_fraction or data.eval_split)" if not examples else \
-                f"{etype!r} examples, which have no reference response"
+                f"{etype.name!r} examples, which have no reference response"
             raise ValueError(f"eval.objectives names {name!r}, which has {why}")
         if usable:
             targets.append(EvalTarget(name, examples, etype))
@@ -92,7 +93,7 @@ class Evaluator:
         log_table: ``(key, rows, step)`` -> None, to show samples as a table in trackers that have them.
     """
 
-    def __init__(self, cfg: EvalConfig, tokenizer, comm, objectives: dict[str, tuple[Sequence, str]],
+    def __init__(self, cfg: EvalConfig, tokenizer, comm, objectives: dict[str, tuple[Sequence, ExampleType]],
                  log_table: Callable[[str, list[dict], int], None] | None = None):
         self.cfg, self.tokenizer, self.comm = cfg, tokenizer, comm
         self.targets = eval_targets(cfg, objectives) if cfg.generate else []
@@ -107,7 +108,7 @@ class Evaluator:
 
             _lm_eval()
         self.judge = None
-        if cfg.judge.enabled and any(t.example_type == "pref" for t in self.targets):
+        if cfg.judge.enabled and any(t.example_type.preferred for t in self.targets):
             self.judge = Judge(cfg.judge, getattr(comm, "device", "cpu"))  # on every rank
 
     def run(self, model, folder: Path, *, generations: bool = True, benchmarks: bool = True,
@@ -121,7 +122,7 @@ class Evaluator:
             for t in self.targets:
                 start = time.perf_counter()
                 res = evaluate_generations(model, self.tokenizer, t.name, t.examples, t.example_type, self.cfg,
-                                           self.comm, self.judge if t.example_type == "pref" else None)
+                                           self.comm, self.judge if t.example_type.preferred else None)
                 scores.update(res.metrics)
                 if self.comm.is_main and self.cfg.samples:
                     _write_jsonl(folder / f"{t.name}.samples.jsonl", res.samples)

@@ -26,10 +26,10 @@ from typing import Any, Sequence
 import torch
 
 from bipost.config import EvalConfig, JudgeConfig
+from bipost.data.examples import ExampleType
 from bipost.evaluation import scores as S
 from bipost.generation import generate
 
-REFERENCE_FIELDS = {"sft": "response_ids", "pref": "chosen_ids", "kd_topk": "response_ids"}
 """Example type -> the field holding the reference response its generations are scored against."""
 
 
@@ -80,16 +80,16 @@ def eos_ids(tokenizer, model) -> list[int]:
     return ids
 
 
-def evaluate_generations(model, tokenizer, name: str, examples: Sequence, example_type: str, cfg: EvalConfig,
+def evaluate_generations(model, tokenizer, name: str, examples: Sequence, example_type: ExampleType, cfg: EvalConfig,
                          comm, judge: Judge | None = None) -> ObjectiveGenerations:
     """Generate for objective ``name``'s held-out ``examples`` (the first ``cfg.max_prompts``) on
     every rank's share, score, gather; see the module docstring. Every rank calls it."""
     from bipost.data.tokenize import TokenPolicy
 
-    if example_type not in REFERENCE_FIELDS:
-        raise ValueError(f"objective {name!r}: generation metrics need prompt/response or preference examples, "
-                         f"not {example_type!r}")
-    ref_field = REFERENCE_FIELDS[example_type]
+    if example_type.reference is None:
+        raise ValueError(f"objective {name!r}: generation metrics need examples with a reference response "
+                         f"(prompt/response or preference), not {example_type.name!r} examples")
+    ref_field = example_type.reference
     rows = list(examples[: cfg.max_prompts] if cfg.max_prompts else examples)
     if not rows:
         return ObjectiveGenerations(name, {})

@@ -132,7 +132,7 @@ def evaluate_saved(target: str, overrides: list[str] = (), config: str | None = 
         for o in cfg.objectives:
             kind = get_kind(o.kind)
             data = load_objective_data(o.data, kind.examples_for(o), tokenizer, objective=o.name or kind.kind)
-            objectives[o.name] = (data.eval, data.examples.name)
+            objectives[o.name] = (data.eval, data.examples)
     # Not <run>/eval/step-N: that is the folder of the run's own evaluation at that step.
     folder = Path(out) if out else (saved.run_dir / "eval" / "saved" / saved.label if saved.run_dir is not None
                                     else Path(f"eval-{saved.label}"))

@@ -15,6 +15,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from bipost.config import ObjectiveConfig
+from bipost.data.examples import SFT, ExampleType
 from bipost.objectives import ObjectiveOutput
 
 
@@ -52,8 +53,9 @@ class ObjectiveView:
     """Optimizer steps one pass over its training examples takes."""
     eval: Sequence = ()
     """Its held-out examples (each with its original ``row_id``)."""
-    examples: str = "sft"
-    """Their example type (``bipost.data.examples``): ``sft`` (prompt/response) or ``pref`` (prompt/chosen/rejected)."""
+    examples: ExampleType = SFT
+    """Their example type (``bipost.data.examples``: its fields, and the reference response generations
+    are scored against)."""
 
 
 @dataclass

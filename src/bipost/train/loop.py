@@ -105,7 +105,7 @@ class Trainer:
         return HookContext(
             output_dir=self.out, max_steps=self.max_steps, comm=self.engine,
             objectives={n: ObjectiveView(r.cfg, r.train, r.data.summary.rows_read, per_pass[n], r.eval,
-                                         r.data.examples.name)
+                                         r.data.examples)
                         for n, r in self.runs.items()},
             measure=self.measure_rows, upper_weight=self.schedule.upper_weight,
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
