@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bipost.configio import load_config
-from bipost.demo import data as D
+import bipost.demo.data as D
 from bipost.report.compare import Comparison, run_compare
 
 

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 
 from bipost.configio import load_config
-from bipost.demo import data as D
+import bipost.demo.data as D
 from bipost.tiny import save_tiny
 
 METHODS = ("grpo alone", "sequential", "mix", "alright", "maxright")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from bipost.configio import load_config
-from bipost.demo import data as D
+import bipost.demo.data as D
 from bipost.tiny import save_tiny
 from bipost.run import train
 

@@ -27,7 +27,7 @@ import torch
 
 from bipost.config import EvalConfig, JudgeConfig
 from bipost.data.examples import ExampleType
-from bipost.evaluation import scores as S
+import bipost.evaluation.scores as S
 from bipost.generation import generate
 
 """Example type -> the field holding the reference response its generations are scored against."""
