@@ -5,9 +5,12 @@ from __future__ import annotations
 import functools
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 from bipost.configio import load_config
 from bipost.demo import data as D
+from bipost.modeling.forward import Forward, positions
+from bipost.objectives.segments import segment_count, segment_sum
 from bipost.tiny import save_tiny
 
 
@@ -80,3 +83,18 @@ def failing_reward(prompts, completions, **columns):
     if rank is None or os.environ.get("RANK", "0") == rank:
         return [1.0 / 0 for _ in completions]
     return [0.0 for _ in completions]
+
+
+# A fake model side for hand-derived values through a kind: the "models" are scales, and every
+# response token ``t`` has log-prob ``-t / scale`` (policy 10, reference 8).
+POLICY, REFERENCE = SimpleNamespace(scale=10.0), SimpleNamespace(scale=8.0)
+EOS = 2
+
+
+class TokenLogps(Forward):
+    """Summed log-probs without a model: each response token ``t`` has log-prob ``-t / model.scale``."""
+
+    def sequence_logps(self, model, batch, num_seqs):
+        pos = positions(batch, num_seqs)
+        logps = -pos.target.float() / model.scale
+        return segment_sum(logps, pos.seq, num_seqs), segment_count(pos.seq, num_seqs)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,24 +24,11 @@ from bipost.example_cache import Collectives
 from bipost.kinds import StepContext
 from bipost.kinds.kto import (KTO, KTO_EXAMPLES, KTOConfig, KTOExample, KTOText, MismatchedCompletions,
                               kto_format_row, mismatched_partners)
-from bipost.modeling.forward import Forward, positions
-from bipost.objectives.segments import segment_count, segment_sum
 from bipost.run import build_trainer, train
 from bipost.train.metrics import read_metrics
 
-from helpers import config, workspace
+from helpers import EOS, POLICY, REFERENCE, TokenLogps, config, workspace
 
-POLICY, REFERENCE = SimpleNamespace(scale=10.0), SimpleNamespace(scale=8.0)
-EOS = 2
-
-
-class TokenLogps(Forward):
-    """Summed log-probs without a model: each response token ``t`` has log-prob ``-t / model.scale``."""
-
-    def sequence_logps(self, model, batch, num_seqs):
-        pos = positions(batch, num_seqs)
-        logps = -pos.target.float() / model.scale
-        return segment_sum(logps, pos.seq, num_seqs), segment_count(pos.seq, num_seqs)
 
 
 def sig(x: float) -> float:

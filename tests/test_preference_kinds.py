@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,23 +20,10 @@ from torch.testing import assert_close
 from bipost.configio import ConfigError, load_config
 from bipost.data.types import PrefExample
 from bipost.kinds import make_objective
-from bipost.modeling.forward import Forward, positions
-from bipost.objectives.segments import segment_count, segment_sum
 from bipost.run import train
 
-from helpers import config, workspace
+from helpers import EOS, POLICY, REFERENCE, TokenLogps, config, workspace
 
-POLICY, REFERENCE = SimpleNamespace(scale=10.0), SimpleNamespace(scale=8.0)
-EOS = 2
-
-
-class TokenLogps(Forward):
-    """Summed log-probs without a model: each response token ``t`` has log-prob ``-t / model.scale``."""
-
-    def sequence_logps(self, model, batch, num_seqs):
-        pos = positions(batch, num_seqs)
-        logps = -pos.target.float() / model.scale
-        return segment_sum(logps, pos.seq, num_seqs), segment_count(pos.seq, num_seqs)
 
 
 # One pair: prompt (1, 3), chosen (4, EOS), rejected (6, EOS).

@@ -86,6 +86,17 @@ class ExampleCache:
         sel = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
         return {name: t[sel] for name, t in self.tensors.items()}
 
+    def attach(self, collate: Callable[[list], dict], put: Callable[[dict, dict[str, torch.Tensor]], None]
+               ) -> Callable[[list], dict]:
+        """``collate`` whose batches also carry their examples' cached rows: ``put(batch, rows)`` says
+        under which keys (and in which layout) an objective reads them."""
+        def with_rows(examples: list) -> dict:
+            batch = collate(examples)
+            put(batch, self.rows(examples))
+            return batch
+
+        return with_rows
+
 
 # ---------------------------------------------------------------- keys
 def _sha(obj) -> str:

@@ -80,16 +80,7 @@ class DPO(PairObjective):
 
     def collate(self, pad_id):
         base = super().collate(pad_id)
-        cache = self.ref_cache
-        if cache is None:
-            return base
-
-        def with_reference(examples):
-            batch = base(examples)
-            batch["ref_logps"] = cache.rows(examples)["logps"].t().reshape(-1)  # chosen..., rejected...
-            return batch
-
-        return with_reference
+        return base if self.ref_cache is None else self.ref_cache.attach(base, _put_reference)
 
     def reference_logps(self, model, batch) -> torch.Tensor:
         """Summed reference log-probs ``[2n]`` (chosen then rejected), without grad."""
@@ -159,3 +150,7 @@ def _reference_cache(cfg: DPOConfig, ctx: BuildContext, ref_path: str) -> Exampl
 
     return load_or_build(ctx.cache_dir / f"ref-{cfg.name}.pt", examples, _content, meta, build, ctx.engine,
                          "reference log-probs")
+
+
+def _put_reference(batch: dict, rows: dict) -> None:
+    batch["ref_logps"] = rows["logps"].t().reshape(-1)  # [n, 2] -> chosen..., rejected...

@@ -121,17 +121,7 @@ class KD(Objective):
         if self.stored:  # the stored rows are the examples' own fields
             return TOPK.collate_fn(pad_id, self.packing)
         base = super().collate(pad_id)
-        cache = self.teacher_cache
-        if cache is None:
-            return base
-
-        def with_teacher(examples):
-            batch = base(examples)
-            rows = cache.rows(examples)
-            batch["teacher_topk_ids"], batch["teacher_topk_logps"] = rows["ids"].long(), rows["logps"]
-            return batch
-
-        return with_teacher
+        return base if self.teacher_cache is None else self.teacher_cache.attach(base, _put_topk)
 
     def loss(self, model, batch):
         c = self.cfg
@@ -230,3 +220,7 @@ def _teacher_cache(cfg: KDConfig, ctx: BuildContext, student_vocab: int) -> Exam
         raise ValueError(f"objective {cfg.name}: the teacher cache holds token id {int(ids.max())}, outside the "
                          f"policy's vocabulary of {student_vocab}")
     return cache
+
+
+def _put_topk(batch: dict, rows: dict) -> None:
+    batch["teacher_topk_ids"], batch["teacher_topk_logps"] = rows["ids"].long(), rows["logps"]

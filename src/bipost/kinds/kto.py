@@ -266,18 +266,22 @@ def kto_collate(pad_id: int, packing: bool, mismatched: MismatchedCompletions, c
     mismatched pairs' batch under ``kl_`` keys, and with a reference cache ``ref_logps`` and
     ``ref_kl_logps`` ``[n]``."""
     main = KTO_EXAMPLES.collate_fn(pad_id, packing)
+    if cache is not None:
+        main = cache.attach(main, _put_reference)
     pairs = SFT.collate_fn(pad_id, packing)
 
     def kto_batch(examples):
         batch = main(examples)
         kl = pairs([SFTExample(e.row_id, e.prompt_ids, mismatched.completion(e)) for e in examples])
         batch.update({_KL + k: v for k, v in kl.items() if k != "row_ids"})
-        if cache is not None:
-            logps = cache.rows(examples)["logps"]  # [n, 2]: completion, mismatched completion
-            batch["ref_logps"], batch["ref_kl_logps"] = logps[:, 0], logps[:, 1]
         return batch
 
     return kto_batch
+
+
+def _put_reference(batch: dict, rows: dict) -> None:
+    logps = rows["logps"]  # [n, 2]: completion, mismatched completion
+    batch["ref_logps"], batch["ref_kl_logps"] = logps[:, 0], logps[:, 1]
 
 
 def _pairs(batch: dict) -> dict:
