@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from bipost.data.types import PrefExample, SFTExample
-from bipost.example_cache import Collectives, ExampleCache, compute_rows, load_or_build
+from bipost.engine import LocalComm
+from bipost.example_cache import ExampleCache, compute_rows, load_or_build
 
 
 def pref_content(e):
@@ -51,7 +52,7 @@ def test_stale_or_broken_cache_is_rebuilt_never_used(tmp_path, caplog):
     def first(cache):
         return cache.rows(ex[:1])["logps"].tolist()
 
-    comm = Collectives()
+    comm = LocalComm()
     assert first(load_or_build(path, ex, pref_content, meta, build(-1.0), comm, "ref")) == [[-1.0, -1.0]]
     assert first(load_or_build(path, ex, pref_content, meta, build(-2.0), comm, "ref")) == [[-1.0, -1.0]]  # reused
     assert calls == [-1.0]
@@ -76,14 +77,14 @@ def test_every_rank_rebuilds_if_one_must(tmp_path):
         calls.append(1)
         return torch.tensor([0, 1]), {"ids": torch.zeros(1, 2, dtype=torch.int32)}
 
-    class OtherRankMustBuild(Collectives):
+    class OtherRankMustBuild(LocalComm):
         world_size = 2
 
         def any_rank(self, flag):
             return True  # the other rank's flag is set
 
-    load_or_build(tmp_path / "t.pt", ex, sft_content, {"k": 2}, build, Collectives(), "teacher")
-    load_or_build(tmp_path / "t.pt", ex, sft_content, {"k": 2}, build, Collectives(), "teacher")
+    load_or_build(tmp_path / "t.pt", ex, sft_content, {"k": 2}, build, LocalComm(), "teacher")
+    load_or_build(tmp_path / "t.pt", ex, sft_content, {"k": 2}, build, LocalComm(), "teacher")
     assert len(calls) == 1
     load_or_build(tmp_path / "t.pt", ex, sft_content, {"k": 2}, build, OtherRankMustBuild(), "teacher")
     assert len(calls) == 2
@@ -123,11 +124,11 @@ def test_first_format_files_still_read(tmp_path):
     torch.save({"key": _sha(meta), "meta": json.dumps(meta, sort_keys=True),
                 "logps": torch.tensor([[-1.0, -2.0], [-3.0, -4.0]])}, tmp_path / "ref-dpo.pt")
     cache = load_or_build(tmp_path / "ref-dpo.pt", ex, pref_content, meta, lambda: pytest.fail("rebuilt"),
-                          Collectives(), "ref")
+                          LocalComm(), "ref")
     assert cache.rows(ex[::-1])["logps"].tolist() == [[-3.0, -4.0], [-1.0, -2.0]]
 
 
-class ThreadRank(Collectives):
+class ThreadRank(LocalComm):
     """Rank ``rank`` of ``world`` ranks run as threads: all_reduce_sum adds every rank's tensor."""
 
     def __init__(self, rank: int, world: int, barrier: threading.Barrier, box: dict):
@@ -160,7 +161,7 @@ def test_rank_shares_complete_to_the_one_rank_table():
     def collate(xs):
         return {"examples": xs}
 
-    one_offsets, one = compute_rows(examples, None, fn, collate, 2, Collectives())
+    one_offsets, one = compute_rows(examples, None, fn, collate, 2, LocalComm())
     assert one_offsets.tolist() == [0, 1, 3, 6, 7, 9]
     assert one["pair"][:, 1].tolist() == [0, 1, 1, 2, 2, 2, 3, 4, 4]
     for world, data in ((2, examples), (3, examples[:2])):
@@ -174,7 +175,7 @@ def test_rank_shares_complete_to_the_one_rank_table():
             t.start()
         for t in threads:
             t.join()
-        want_offsets, want = compute_rows(data, None, fn, collate, 2, Collectives())
+        want_offsets, want = compute_rows(data, None, fn, collate, 2, LocalComm())
         for rank in range(world):
             offsets, got = results[rank]
             assert torch.equal(offsets, want_offsets)

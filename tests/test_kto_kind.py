@@ -20,7 +20,7 @@ from torch.testing import assert_close
 from bipost.config import DataConfig
 from bipost.data import DataError, Row, format_row, load_objective_data
 from bipost.data.types import as_tuples
-from bipost.example_cache import Collectives
+from bipost.engine import LocalComm
 from bipost.kinds import StepContext
 from bipost.kinds.kto import (KTO, KTO_EXAMPLES, KTOConfig, KTOExample, KTOText, MismatchedCompletions,
                               kto_format_row, mismatched_partners)
@@ -137,7 +137,7 @@ def kto(packing: bool, **fields) -> KTO:
 
 def step(obj: KTO, batches: list[list[KTOExample]]) -> list:
     collate = obj.collate(0)
-    prepared = obj.prepare(POLICY, [collate(b) for b in batches], StepContext(0, Collectives(), lambda b: b))
+    prepared = obj.prepare(POLICY, [collate(b) for b in batches], StepContext(0, LocalComm(), lambda b: b))
     return [obj.loss(POLICY, b) for b in prepared]
 
 

@@ -174,6 +174,42 @@ def _ensure_process_group_env() -> None:
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
 
 
+class LocalComm:
+    """The engine's collectives in a single process (rank 0 of 1): for code that runs without a
+    distributed engine (``bipost eval``, tests, tools) where an :class:`Engine` would be passed."""
+
+    rank = 0
+    world_size = 1
+    is_main = True
+    lockstep_forwards = False
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def any_rank(self, flag: bool) -> bool:
+        return flag
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    def stage(self, name: str):
+        return contextlib.nullcontext()
+
+    def no_grad_forwards(self, model, fn: Callable[[Any, dict], Any], batches: Sequence[dict], *,
+                         filler: dict | None = None, stage: str) -> list:
+        with torch.no_grad():
+            return [fn(model, b) for b in batches]
+
+    def print(self, *args: Any) -> None:
+        print(*args, flush=True)
+
+
 class ModelAccess:
     """Reaching through the wrappers a backend puts around a model (DDP and DeepSpeed's
     ``.module``, torch.compile's ``._orig_mod``, peft) and at its output head, whose weight FSDP2

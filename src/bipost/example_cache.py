@@ -23,17 +23,19 @@ while training. One mechanism serves every kind (:class:`ExampleCache`):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from bipost.engine import Engine, LocalComm
 
 log = logging.getLogger("bipost")
 
@@ -151,33 +153,8 @@ def cache_meta(examples: Sequence, content: Content, role: str, model: str, toke
 
 
 # ---------------------------------------------------------------- build
-class Collectives:
-    """What a cache build needs from the engine (:class:`bipost.engine.Engine` is one; this base is
-    the single-process version). Every method is called on every rank."""
-
-    rank: int = 0
-    world_size: int = 1
-    is_main: bool = True
-
-    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        return values
-
-    def any_rank(self, flag: bool) -> bool:
-        return flag
-
-    def barrier(self) -> None:
-        pass
-
-    def stage(self, name: str):
-        return contextlib.nullcontext()
-
-    def no_grad_forwards(self, model, fn, batches, *, filler=None, stage: str) -> list:
-        with torch.no_grad():
-            return [fn(model, b) for b in batches]
-
-
 def compute_rows(examples: Sequence, model, fn: Callable[[object, dict], tuple[dict[str, torch.Tensor], torch.Tensor]],
-                 collate: Callable[[list], dict], batch_size: int, comm: Collectives
+                 collate: Callable[[list], dict], batch_size: int, comm: "LocalComm | Engine"
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(offsets [N + 1], {name: [P, ...]})``: every example's rows, on every rank, without grad.
 
@@ -234,7 +211,7 @@ class _Collated(Sequence):
 # ---------------------------------------------------------------- load / save
 def load_or_build(path: Path, examples: Sequence, content: Content, meta: dict,
                   build: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]],
-                  comm: Collectives, what: str, check: Callable[[dict[str, torch.Tensor]], str | None] = lambda t: None
+                  comm: "LocalComm | Engine", what: str, check: Callable[[dict[str, torch.Tensor]], str | None] = lambda t: None
                   ) -> ExampleCache:
     """The cache at ``path`` if its key matches ``meta`` (and ``check(tensors)`` finds nothing wrong);
     otherwise ``build()`` it (on every rank, if any rank must: their collectives then match) and save

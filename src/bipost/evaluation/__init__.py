@@ -2,7 +2,8 @@
 rate against the chosen response) and benchmarks through lm-evaluation-harness, during training
 (:class:`EvalHook`, the ``eval`` config section) and on a saved run or model (``bipost eval``)."""
 
-from bipost.evaluation.evaluator import EvalTarget, Evaluator, LocalComm, eval_targets
+from bipost.engine import LocalComm
+from bipost.evaluation.evaluator import EvalTarget, Evaluator, eval_targets
 from bipost.evaluation.generations import Judge, ObjectiveGenerations, evaluate_generations
 from bipost.evaluation.hook import EvalHook, eval_folder
 from bipost.evaluation.scores import exact_match, token_f1, wins

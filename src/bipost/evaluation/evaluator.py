@@ -18,9 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-import torch
+from typing import Callable, Sequence
 
 from bipost.config import EvalConfig
 from bipost.evaluation.benchmarks import run_benchmarks
@@ -28,30 +26,6 @@ from bipost.data.examples import ExampleType
 from bipost.evaluation.generations import Judge, evaluate_generations
 
 log = logging.getLogger("bipost")
-
-
-class LocalComm:
-    """The collectives of a single process (``bipost eval``), as a hook's ``comm`` offers them."""
-
-    rank = 0
-    world_size = 1
-    is_main = True
-    lockstep_forwards = False
-
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-
-    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        return values
-
-    def gather_objects(self, obj: Any) -> list[Any]:
-        return [obj]
-
-    def barrier(self) -> None:
-        pass
-
-    def print(self, *args: Any) -> None:
-        print(*args, flush=True)
 
 
 @dataclass
@@ -88,7 +62,7 @@ class Evaluator:
     Args:
         cfg: the ``eval`` config.
         tokenizer: the model's tokenizer (decodes prompts and generations; lm-eval tokenizes with it).
-        comm: collectives (an :class:`~bipost.engine.Engine` or :class:`LocalComm`).
+        comm: collectives (an :class:`~bipost.engine.Engine` or :class:`~bipost.engine.LocalComm`).
         objectives: name -> (held-out examples, example type) of the run's objectives.
         log_table: ``(key, rows, step)`` -> None, to show samples as a table in trackers that have them.
     """

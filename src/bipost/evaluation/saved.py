@@ -111,7 +111,8 @@ def evaluate_saved(target: str, overrides: list[str] = (), config: str | None = 
                    out: str | Path | None = None) -> tuple[dict[str, float], Path]:
     """Evaluate ``target`` as its (or the given) config's ``eval`` section says; returns the scores
     and the folder the evaluation's files were written to."""
-    from bipost.evaluation.evaluator import Evaluator, LocalComm
+    from bipost.engine import LocalComm
+    from bipost.evaluation.evaluator import Evaluator
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("bipost eval runs in one process (it uses the GPU of that process); launch it without "
